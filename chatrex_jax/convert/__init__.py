@@ -1,0 +1,1 @@
+"""Checkpoint conversion: torch state dicts <-> Flax parameter trees (one file per family)."""
