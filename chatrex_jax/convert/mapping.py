@@ -147,6 +147,9 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
   dtype: cast floating tensors to this dtype (None keeps the checkpoint's).
   strict: report unexpected torch keys (False: ignore them, as `strict=False` loading does).
   """
+  if expected is not None:
+    from flax.core import meta  # boxed (logically partitioned) trees from `init`/`eval_shape`
+    expected = meta.unbox(expected)
   expected_flat = flatten(expected) if expected is not None else None
   ignore = tuple(ignore)
   missing, misshaped, other, out = [], [], [], {}
@@ -193,7 +196,8 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
 def to_torch(params: Mapping, rules: Sequence[Rule], *, what: str = "conversion",
              dtype: np.dtype | None = None) -> Iterator[tuple[str, Array]]:
   """Yields (torch_key, array) for every rule (aliases included), one tensor at a time."""
-  flat = flatten(params)
+  from flax.core import meta
+  flat = flatten(meta.unbox(params))
   missing = [r.flax_path for r in rules if r.flax_path not in flat]
   unused = sorted(set(flat) - {r.flax_path for r in rules})
   if missing or unused:
