@@ -1,14 +1,12 @@
 """Streaming safetensors reader/writer (single files and HF sharded checkpoints).
 
 The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to
-its dtype, shape and byte range, then the raw bytes. Reading it directly (through `mmap`)
-gives bf16 support via `ml_dtypes` and lets converters pull one tensor at a time, so a
+its dtype, shape and byte range, then the raw bytes. Reading it directly gives bf16 support via `ml_dtypes` and lets converters pull one tensor at a time, so a
 conversion holds about one copy of the model, never two. Nothing here unpickles anything.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import pathlib
 import struct
@@ -44,13 +42,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
     self._header = header
     self._data_start = 8 + n
-    self._mmap = None
-
-  def _map(self):
-    if self._mmap is None:
-      with open(self.path, "rb") as fh:
-        self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    return self._mmap
+    self._fd: int | None = None
 
   def spec(self, name: str) -> tuple[np.dtype, tuple[int, ...]]:
     info = self._header[name]
@@ -61,8 +53,19 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
   def __getitem__(self, name: str) -> np.ndarray:
     dtype, shape = self.spec(name)
     begin, end = self._header[name]["data_offsets"]
-    buf = self._map()[self._data_start + begin:self._data_start + end]
-    return np.frombuffer(buf, dtype=dtype).reshape(shape).copy()
+    # pread into a fresh buffer rather than mmap: mapped pages would stay resident and
+    # count against the process, breaking the one-copy memory bound of conversions.
+    if self._fd is None:
+      self._fd = os.open(self.path, os.O_RDONLY)
+    out = np.empty(shape, dtype=dtype)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    pos, total = 0, end - begin
+    while pos < total:
+      n = os.preadv(self._fd, [view[pos:]], self._data_start + begin + pos)
+      if n <= 0:
+        raise ValueError(f"{self.path}: truncated file while reading {name!r}")
+      pos += n
+    return out
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._header)
@@ -71,9 +74,12 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     return len(self._header)
 
   def close(self):
-    if self._mmap is not None:
-      self._mmap.close()
-      self._mmap = None
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __del__(self):
+    self.close()
 
 
 class Checkpoint(Mapping[str, np.ndarray]):

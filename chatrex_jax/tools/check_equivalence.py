@@ -16,7 +16,8 @@ import sys
 import traceback
 
 
-def check(path: pathlib.Path, out=sys.stdout) -> bool:
+def check(path: pathlib.Path, out=None) -> bool:
+  out = out or sys.stdout
   from chatrex_jax.tools.equivalence import registry
   fixture = registry.Fixture(pathlib.Path(path))
   name = fixture.name

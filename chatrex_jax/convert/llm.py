@@ -1,0 +1,213 @@
+"""HF Qwen2 / LLaMA checkpoints <-> `chatrex_jax.models.llm.CausalLM` parameters.
+
+The key map is declarative (`rules`); the generic engine in `mapping.py` applies it. Three
+entry points cover the workflows:
+
+* `load_hf(path, config)`: HF checkpoint folder (sharded safetensors + index) -> Flax tree,
+  streaming tensor by tensor (peak host memory: the result plus one tensor).
+* `convert_hf_to_flax_checkpoint(src, dst)`: disk to disk, streaming (peak: one output
+  shard plus one tensor) - for checkpoints larger than host memory.
+* `save_hf(params, config, dst)`: Flax tree -> HF folder (`config.json` + safetensors) that
+  `AutoModelForCausalLM.from_pretrained(dst)` loads.
+
+`prefix` relocates the LLM inside a larger checkpoint (e.g. "" for ChatRex/RexSeek, whose
+LLM keys are `model.*` and `lm_head.*` at the top level).
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from chatrex_jax.convert import mapping, safetensors_io
+from chatrex_jax.convert.mapping import LINEAR, IDENTITY, Rule
+from chatrex_jax.models.llm import LLMConfig, stack_layers, unstack_layers
+
+# Buffers some checkpoints carry that are recomputed here.
+IGNORED = ("*.rotary_emb.inv_freq",)
+
+
+def rules(config: LLMConfig, prefix: str = "", flax_prefix: str = "") -> list[Rule]:
+  """torch key <-> Flax path for the unscanned layout (`decoder/layers_{i}/...`)."""
+  n, k = config.num_attention_heads, config.num_key_value_heads
+  t, f = prefix, flax_prefix
+  template = [
+      ("model.layers.{i}.self_attn.q_proj.weight", "decoder/layers_{i}/self_attn/q_proj/kernel", mapping.linear_to_heads(n)),
+      ("model.layers.{i}.self_attn.k_proj.weight", "decoder/layers_{i}/self_attn/k_proj/kernel", mapping.linear_to_heads(k)),
+      ("model.layers.{i}.self_attn.v_proj.weight", "decoder/layers_{i}/self_attn/v_proj/kernel", mapping.linear_to_heads(k)),
+      ("model.layers.{i}.self_attn.o_proj.weight", "decoder/layers_{i}/self_attn/o_proj/kernel", mapping.heads_to_linear(n)),
+      ("model.layers.{i}.mlp.gate_proj.weight", "decoder/layers_{i}/mlp/gate_proj/kernel", LINEAR),
+      ("model.layers.{i}.mlp.up_proj.weight", "decoder/layers_{i}/mlp/up_proj/kernel", LINEAR),
+      ("model.layers.{i}.mlp.down_proj.weight", "decoder/layers_{i}/mlp/down_proj/kernel", LINEAR),
+      ("model.layers.{i}.input_layernorm.weight", "decoder/layers_{i}/input_layernorm/scale", IDENTITY),
+      ("model.layers.{i}.post_attention_layernorm.weight", "decoder/layers_{i}/post_attention_layernorm/scale", IDENTITY),
+  ]
+  if config.attention_bias:
+    template += [
+        ("model.layers.{i}.self_attn.q_proj.bias", "decoder/layers_{i}/self_attn/q_proj/bias", mapping.bias_to_heads(n)),
+        ("model.layers.{i}.self_attn.k_proj.bias", "decoder/layers_{i}/self_attn/k_proj/bias", mapping.bias_to_heads(k)),
+        ("model.layers.{i}.self_attn.v_proj.bias", "decoder/layers_{i}/self_attn/v_proj/bias", mapping.bias_to_heads(k)),
+    ]
+  template += [
+      ("model.embed_tokens.weight", "embed_tokens/embedding", IDENTITY),
+      ("model.norm.weight", "decoder/norm/scale", IDENTITY),
+  ]
+  if not config.tie_word_embeddings:
+    template.append(("lm_head.weight", "lm_head/kernel", LINEAR))
+  out = mapping.expand(template, i=config.num_hidden_layers)
+  return [Rule(t + r.torch_key, f + r.flax_path, r.layout, tuple(t + a for a in r.aliases)) for r in out]
+
+
+def _check_tied(state: Mapping[str, np.ndarray], config: LLMConfig, prefix: str):
+  """A tied checkpoint may still store lm_head.weight; it must equal the embedding."""
+  key = prefix + "lm_head.weight"
+  if config.tie_word_embeddings and key in state:
+    if not np.array_equal(np.asarray(state[key]), np.asarray(state[prefix + "model.embed_tokens.weight"])):
+      raise mapping.ConversionError(
+          "LLM conversion", other=[f"tie_word_embeddings=true but {key} differs from the embedding: "
+                                   "set tie_word_embeddings=false in config.json"])
+
+
+def from_torch_state(state: Mapping[str, np.ndarray], config: LLMConfig, *, expected=None,
+                     prefix: str = "", strict: bool = True, dtype=None) -> dict:
+  """A torch-named state dict (or lazy `Checkpoint`) -> Flax params (layout per config.scan_layers)."""
+  _check_tied(state, config, prefix)
+  ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
+  if expected is not None and config.scan_layers:
+    expected = None  # shapes are checked on the unscanned tree below
+  params = mapping.to_flax(state, rules(config, prefix), what="LLM conversion", expected=expected,
+                           ignore=ignore, strict=strict, dtype=dtype)
+  return stack_layers(params, config.num_hidden_layers) if config.scan_layers else params
+
+
+def to_torch_state(params: Mapping, config: LLMConfig, prefix: str = "",
+                   dtype=None) -> Iterator[tuple[str, np.ndarray]]:
+  """Flax params -> (torch key, array) pairs, lazily, in HF order."""
+  from flax.core import meta
+  params = meta.unbox(params)
+  if config.scan_layers or "layers" in params.get("decoder", {}):
+    params = unstack_layers(params, config.num_hidden_layers)
+  return mapping.to_torch(params, rules(config, prefix), what="LLM export", dtype=dtype)
+
+
+def read_hf_config(path) -> dict:
+  path = pathlib.Path(path)
+  cfg_path = path / "config.json" if path.is_dir() else path.parent / "config.json"
+  if not cfg_path.exists():
+    raise FileNotFoundError(f"{cfg_path} not found: a HF checkpoint folder needs its config.json")
+  hf = json.loads(cfg_path.read_text())
+  # LLaVA-style multimodal configs nest the LLM config.
+  return hf.get("text_config", hf) if "text_config" in hf and "hidden_size" not in hf else hf
+
+
+def load_hf(path, config: LLMConfig | None = None, *, prefix: str = "", dtype=None, **overrides):
+  """Loads a HF checkpoint folder -> (config, params), streaming tensor by tensor."""
+  if config is None:
+    config = LLMConfig.from_hf(read_hf_config(path), **overrides)
+  ckpt = safetensors_io.Checkpoint(path)
+  try:
+    return config, from_torch_state(ckpt, config, prefix=prefix, dtype=dtype)
+  finally:
+    ckpt.close()
+
+
+def save_hf(params: Mapping, config: LLMConfig, dst, *, max_shard_bytes: int = 5 * 2**30,
+            dtype=None) -> pathlib.Path:
+  """Writes an HF checkpoint folder (config.json + safetensors shards + index)."""
+  dst = pathlib.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  safetensors_io.save_sharded(to_torch_state(params, config, dtype=dtype), dst, max_shard_bytes)
+  (dst / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+  return dst
+
+
+FLAX_FORMAT = "chatrex-jax-flax"
+
+
+def convert_hf_to_flax_checkpoint(src, dst, config: LLMConfig | None = None, *,
+                                  max_shard_bytes: int = 2 * 2**30, prefix: str = "") -> pathlib.Path:
+  """Disk-to-disk conversion: HF safetensors -> safetensors keyed by Flax paths ('a/b/c').
+
+  Streams: each tensor is read, transformed and appended to the current output shard, so
+  the peak host memory is about one output shard, whatever the checkpoint size. Load the
+  result with `load_flax_checkpoint` (optionally straight onto sharded devices).
+  """
+  if config is None:
+    config = LLMConfig.from_hf(read_hf_config(src))
+  ckpt = safetensors_io.Checkpoint(src)
+  _check_tied(ckpt, config, prefix)
+  the_rules = rules(config, prefix)
+  ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
+  known = {k for r in the_rules for k in r.torch_keys}
+  import fnmatch
+  missing = [r.torch_key for r in the_rules if not any(k in ckpt for k in r.torch_keys)]
+  unexpected = [k for k in ckpt if k not in known and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
+  if missing or unexpected:
+    raise mapping.ConversionError("LLM conversion", missing, unexpected)
+
+  def tensors():
+    for r in the_rules:
+      key = next(k for k in r.torch_keys if k in ckpt)
+      yield r.flax_path, r.layout.to_flax(ckpt[key])
+  dst = pathlib.Path(dst)
+  safetensors_io.save_sharded(tensors(), dst, max_shard_bytes, metadata={"format": FLAX_FORMAT})
+  (dst / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
+  ckpt.close()
+  return dst
+
+
+def load_flax_checkpoint(path, shardings=None) -> dict:
+  """Reads a `convert_hf_to_flax_checkpoint` folder -> params (unscanned layout).
+
+  shardings: optional pytree (same structure) of `jax.sharding.Sharding`; each tensor is then
+  placed on devices as soon as it is read, so the host holds one tensor at a time.
+  """
+  import jax
+  ckpt = safetensors_io.Checkpoint(path)
+  flat_shardings = mapping.flatten(shardings) if shardings is not None else {}
+  out = {}
+  for name in ckpt:
+    value = ckpt[name]
+    out[name] = jax.device_put(value, flat_shardings[name]) if name in flat_shardings else value
+  ckpt.close()
+  return mapping.unflatten(out)
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
+                 num_new_tokens: int) -> tuple[dict, LLMConfig]:
+  """ChatRex's vocabulary extension (spec B.7), on a Flax tree.
+
+  Mirrors `resize_token_embeddings(len(tokenizer))` followed by setting the last
+  `num_new_tokens` input and output rows to the mean of the rows before them (each matrix
+  separately). The matrix may shrink (Qwen pads its embedding beyond the tokenizer).
+  """
+  import dataclasses
+  from flax.core import meta
+  params = meta.unbox(params)
+  if not 0 < num_new_tokens <= new_vocab_size:
+    raise ValueError(f"num_new_tokens={num_new_tokens} must be in (0, new_vocab_size={new_vocab_size}]")
+
+  def resize(matrix: np.ndarray, axis: int) -> np.ndarray:
+    m = np.moveaxis(np.asarray(matrix), axis, 0)
+    old = m.shape[0]
+    out = np.zeros((new_vocab_size,) + m.shape[1:], m.dtype)
+    keep = min(old, new_vocab_size)
+    out[:keep] = m[:keep]
+    base = new_vocab_size - num_new_tokens
+    out[base:] = out[:base].astype(np.float64).mean(axis=0).astype(m.dtype)
+    return np.moveaxis(out, 0, axis)
+
+  params = jax_tree_copy(params)
+  params["embed_tokens"]["embedding"] = resize(params["embed_tokens"]["embedding"], 0)
+  if not config.tie_word_embeddings:
+    params["lm_head"]["kernel"] = resize(params["lm_head"]["kernel"], 1)
+  return params, dataclasses.replace(config, vocab_size=new_vocab_size)
+
+
+def jax_tree_copy(tree):
+  return {k: jax_tree_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}

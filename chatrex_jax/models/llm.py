@@ -1,0 +1,423 @@
+"""Qwen2 / LLaMA-family decoder (HF `Qwen2ForCausalLM`, `LlamaForCausalLM`) in Flax Linen.
+
+One module family covers both: Qwen2/Qwen2.5 (bias on q/k/v, RoPE theta 1e6) and
+LLaMA/Vicuna (no bias, theta 1e4); everything else is read from the checkpoint's config.json
+via `LLMConfig.from_hf`. RMSNorm, rotate-half RoPE, GQA, SwiGLU as HF computes them.
+
+Attention works on *slots*: a sequence of length S (the prompt, or a KV cache of S slots).
+Query slot t may attend key slot s iff s <= t, `key_valid[b, s]`, and (when given)
+`segment_ids` agree. Positions (RoPE) are separate from slots, so left-padded batches use
+HF's `cumsum(mask) - 1` positions while slots stay aligned across rows.
+
+Shapes use the letters of `chatrex_jax/models/__init__.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+Cache = dict  # {"k": [L?, B, S, K, H], "v": [L?, B, S, K, H]}
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMConfig:
+  """Decoder hyper-parameters (names follow HF config.json where one exists)."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  num_key_value_heads: int
+  head_dim: Optional[int] = None
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  rope_scaling: Optional[tuple] = None  # sorted (key, value) pairs of HF's dict
+  tie_word_embeddings: bool = False
+  attention_bias: bool = True  # Qwen2: q/k/v bias; LLaMA: none
+  max_position_embeddings: int = 32768
+  family: str = "qwen2"  # "qwen2" | "llama"
+  # Implementation choices (not in HF configs).
+  dtype: Any = jnp.float32  # compute dtype (bf16 on accelerators)
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = "none"  # none | full | dots | dots_no_batch
+
+  def __post_init__(self):
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                       f"num_key_value_heads={self.num_key_value_heads}")
+    if self.family not in ("qwen2", "llama"):
+      raise ValueError(f"family must be 'qwen2' or 'llama', got {self.family!r}")
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def rope_scaling_dict(self) -> Optional[dict]:
+    return dict(self.rope_scaling) if self.rope_scaling else None
+
+  @classmethod
+  def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
+    """From a HF config.json dict (Qwen2Config / LlamaConfig, transformers 4.x or 5.x)."""
+    model_type = hf.get("model_type", "")
+    family = "llama" if model_type in ("llama", "mistral", "vicuna") else "qwen2"
+    if model_type not in ("qwen2", "llama", "mistral", "", "vicuna", "rexseek_qwen", "chatrex"):
+      if "qwen" in model_type:
+        family = "qwen2"
+      elif "llama" in model_type or "llava" in model_type:
+        family = "llama"
+    rope_params = hf.get("rope_parameters") or {}
+    rope_theta = hf.get("rope_theta", rope_params.get("rope_theta"))
+    if rope_theta is None:
+      rope_theta = 1e6 if family == "qwen2" else 1e4
+    scaling = hf.get("rope_scaling") or None
+    if scaling is None and rope_params.get("rope_type", "default") != "default":
+      scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+      scaling = None
+    if hf.get("use_sliding_window", False):
+      raise ValueError("sliding-window attention is not supported (use_sliding_window=true)")
+    kw = dict(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
+        max_position_embeddings=hf.get("max_position_embeddings", 32768), family=family)
+    if hf.get("hidden_act", "silu") != "silu":
+      raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    kw.update(overrides)
+    return cls(**kw)
+
+  def to_hf(self) -> dict:
+    """A HF config.json dict that `from_pretrained` accepts for the written checkpoint."""
+    arch = "Qwen2ForCausalLM" if self.family == "qwen2" else "LlamaForCausalLM"
+    out = dict(
+        architectures=[arch], model_type=self.family, vocab_size=self.vocab_size,
+        hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+        num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+        num_key_value_heads=self.num_key_value_heads, rms_norm_eps=self.rms_norm_eps,
+        rope_theta=self.rope_theta, rope_scaling=self.rope_scaling_dict,
+        tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu",
+        max_position_embeddings=self.max_position_embeddings, torch_dtype="float32")
+    if self.head_dim is not None:
+      out["head_dim"] = self.head_dim
+    if self.family == "llama":
+      out["attention_bias"] = self.attention_bias
+    else:
+      out["use_sliding_window"] = False
+    return out
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+def rope_inv_freq(config: LLMConfig) -> tuple[np.ndarray, float]:
+  """HF's `inv_freq` [H/2] (float32) and attention scaling for the configured rope type."""
+  dim = config.dim_per_head
+  base = np.float32(config.rope_theta)
+  inv_freq = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
+              ).astype(np.float32)
+  scaling = config.rope_scaling_dict
+  if not scaling:
+    return inv_freq, 1.0
+  kind = scaling.get("rope_type", scaling.get("type"))
+  if kind == "linear":
+    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+  if kind == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+  raise NotImplementedError(
+      f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, attn_scale: float = 1.0) -> Array:
+  """Rotate-half RoPE as HF: x [B, T, N, H], positions [B, T] int -> [B, T, N, H]."""
+  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = (jnp.cos(emb) * attn_scale)[:, :, None, :].astype(x.dtype)
+  sin = (jnp.sin(emb) * attn_scale)[:, :, None, :].astype(x.dtype)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _init(std: float, names: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+class RMSNorm(nn.Module):
+  """HF RMSNorm: normalise in fp32, cast back, then scale. x [..., D]."""
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * x32.astype(self.dtype)
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE and an optional KV cache.
+
+  x [B, T, D]; positions [B, T]; key_valid [B, S] (S = T without a cache, else cache slots);
+  cache {"k","v": [B, S, K, H]} with the T new keys written at slot `cache_index`.
+  """
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, segment_ids=None, cache=None, cache_index=None):
+    cfg = self.config
+    n, k, h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head
+    g = n // k
+    std = 0.02
+
+    def proj(name, heads, head_axis):
+      return nn.DenseGeneral(
+          (heads, h), use_bias=cfg.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+          kernel_init=_init(std, ("embed", head_axis, "head_dim")),
+          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
+          name=name)(x)
+
+    q = proj("q_proj", n, "heads")
+    key = proj("k_proj", k, "kv_heads")
+    value = proj("v_proj", k, "kv_heads")
+    inv_freq, attn_scale = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq, attn_scale)
+    key = apply_rope(key, positions, inv_freq, attn_scale)
+    q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+    b, t = x.shape[:2]
+    query_slots = jnp.arange(t)[None, :]
+    new_cache = None
+    if cache is not None:
+      key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, 1)
+      value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, 1)
+      new_cache = {"k": key, "v": value}
+      query_slots = query_slots + cache_index
+    s = key.shape[1]
+    allowed = (jnp.arange(s)[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :].astype(bool)
+    if segment_ids is not None:
+      allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
+
+    q = q.reshape(b, t, k, g, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(q.dtype)).astype(jnp.float32)
+    scores = scores / np.float32(math.sqrt(h))
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(cfg.dtype)).reshape(b, t, n, h)
+    out = nn.DenseGeneral(
+        cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        kernel_init=_init(std, ("heads", "head_dim", "embed")), name="o_proj")(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)); x [B, T, D]."""
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.config
+
+    def dense(name, features, names):
+      return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      kernel_init=_init(0.02, names), name=name)
+    hidden = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+    hidden = hidden * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, new_cache)."""
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, cache, positions, key_valid, segment_ids, cache_index):
+    cfg = self.config
+    x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
+    norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
+    attn_out, new_cache = Attention(cfg, name="self_attn")(
+        norm("input_layernorm")(x), positions, key_valid, segment_ids, cache, cache_index)
+    x = x + attn_out
+    x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
+    return x, new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class _ScannedLayer(nn.Module):
+  """Adapter giving DecoderLayer nn.scan's (carry, xs) signature."""
+  config: LLMConfig
+  layer_cls: Any
+
+  @nn.compact
+  def __call__(self, x, cache, positions, key_valid, segment_ids, cache_index):
+    x, new_cache = self.layer_cls(self.config, name="layer")(
+        x, cache, positions, key_valid, segment_ids, cache_index)
+    return x, new_cache
+
+
+class Decoder(nn.Module):
+  """The decoder stack + final norm (HF `Qwen2Model` / `LlamaModel`, without embeddings)."""
+  config: LLMConfig
+
+  @nn.compact
+  def __call__(self, x, positions, key_valid, segment_ids=None, cache=None, cache_index=None,
+               return_hidden_states=False):
+    cfg = self.config
+    layer_cls = DecoderLayer
+    if cfg.remat_policy != "none":
+      if cfg.remat_policy not in _REMAT_POLICIES:
+        raise ValueError(f"remat_policy {cfg.remat_policy!r} not in {['none', *_REMAT_POLICIES]}")
+      layer_cls = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat_policy],
+                           prevent_cse=not cfg.scan_layers)
+    hidden_states = [x] if return_hidden_states else None
+    if cfg.scan_layers:
+      if return_hidden_states:
+        raise ValueError("return_hidden_states needs scan_layers=False")
+      cache_axis = 0 if cache is not None else nn.broadcast
+      scanned = nn.scan(
+          _ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=(cache_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          out_axes=0, length=cfg.num_hidden_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"})
+      x, new_cache = scanned(cfg, layer_cls, name="layers")(
+          x, cache, positions, key_valid, segment_ids, cache_index)
+    else:
+      caches = []
+      for i in range(cfg.num_hidden_layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, c = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
+                                                   segment_ids, cache_index)
+        caches.append(c)
+        if return_hidden_states:
+          hidden_states.append(x)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+    x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
+    if return_hidden_states:
+      hidden_states[-1] = x  # HF convention: the last entry is after the final norm
+    return x, new_cache, hidden_states
+
+
+class CausalLM(nn.Module):
+  """Embeddings + decoder + LM head (HF `*ForCausalLM`).
+
+  Methods (call with `model.apply(vars, ..., method=...)`):
+    embed(ids [B, T] int) -> [B, T, D]
+    __call__(ids or inputs_embeds, positions, key_valid, ...) -> dict(logits, cache, ...)
+    logits_from_hidden(h [B, T, D]) -> [B, T, V]
+  """
+  config: LLMConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        embedding_init=_init(0.02, ("vocab", "embed")))
+    self.decoder = Decoder(cfg)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, kernel_init=_init(0.02, ("embed", "vocab")))
+
+  def embed(self, ids: Array) -> Array:
+    return self.embed_tokens(ids)
+
+  def logits_from_hidden(self, h: Array) -> Array:
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(h)
+    else:
+      logits = self.lm_head(h)
+    return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def __call__(self, ids: Optional[Array] = None, *, inputs_embeds: Optional[Array] = None,
+               positions: Optional[Array] = None, key_valid: Optional[Array] = None,
+               segment_ids: Optional[Array] = None, cache: Optional[Cache] = None,
+               cache_index: Optional[Array] = None, return_hidden_states: bool = False,
+               compute_logits: bool = True) -> dict:
+    """Forward pass.
+
+    ids [B, T] int or inputs_embeds [B, T, D]; positions [B, T] (default arange);
+    key_valid [B, S] bool (default all True; S = T, or the cache length with a cache);
+    segment_ids [B, T] for packed sequences (no cache); cache from `init_cache`.
+    Returns {"logits": [B, T, V] (fp32), "hidden": [B, T, D], "cache", "hidden_states"}.
+    """
+    if (ids is None) == (inputs_embeds is None):
+      raise ValueError("pass exactly one of ids / inputs_embeds")
+    x = self.embed(ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+    b, t = x.shape[:2]
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    if key_valid is None:
+      s = t if cache is None else cache["k"].shape[-3]
+      key_valid = jnp.ones((b, s), bool)
+    if cache is not None and cache_index is None:
+      cache_index = jnp.zeros((), jnp.int32)
+    if cache is not None and segment_ids is not None:
+      raise ValueError("segment_ids (packing) is for training; it cannot be combined with a cache")
+    h, new_cache, hidden_states = self.decoder(x, positions, key_valid, segment_ids, cache,
+                                               cache_index, return_hidden_states)
+    out = {"hidden": h, "cache": new_cache, "hidden_states": hidden_states}
+    if compute_logits:
+      out["logits"] = self.logits_from_hidden(h).astype(jnp.float32)
+    return out
+
+
+def init_cache(config: LLMConfig, batch: int, length: int, dtype=None) -> Cache:
+  """Zero KV cache {"k","v": [L, B, S, K, H]} (layer-stacked for both scanned and unscanned)."""
+  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.dim_per_head)
+  dtype = dtype or config.dtype
+  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def stack_layers(params: dict, num_layers: int) -> dict:
+  """Unscanned (`decoder/layers_{i}/...`) -> scanned (`decoder/layers/layer/...`, leading L axis)."""
+  params = dict(params)
+  dec = dict(params["decoder"])
+  layers = [dec.pop(f"layers_{i}") for i in range(num_layers)]
+  dec["layers"] = {"layer": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
+  params["decoder"] = dec
+  return params
+
+
+def unstack_layers(params: dict, num_layers: int) -> dict:
+  """Scanned -> unscanned layout (inverse of `stack_layers`, bit-exact)."""
+  params = dict(params)
+  dec = dict(params["decoder"])
+  stacked = dec.pop("layers")["layer"]
+  for i in range(num_layers):
+    dec[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+  params["decoder"] = dec
+  return params

@@ -1,0 +1,201 @@
+"""Decoder equivalence against transformers Qwen2/LLaMA, layouts, packing, sharding, generation."""
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from chatrex_jax.convert import llm as llm_convert
+from chatrex_jax.convert.mapping import ConversionError
+from chatrex_jax.inference.generate import SamplingConfig, generate, select_token
+from chatrex_jax.models.llm import CausalLM, LLMConfig
+from chatrex_jax.testing import assert_close_to_scale
+from chatrex_jax.train import sharding
+
+torch.set_num_threads(2)
+
+BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+            max_position_embeddings=2048)
+
+
+def make_hf(family: str, tied: bool, seed: int = 0, **kw):
+  torch.manual_seed(seed)
+  if family == "qwen2":
+    cfg = transformers.Qwen2Config(**BASE, rope_theta=1e6, tie_word_embeddings=tied, **kw)
+    model = transformers.Qwen2ForCausalLM(cfg)
+  else:
+    cfg = transformers.LlamaConfig(**dict(BASE, rms_norm_eps=1e-5), rope_theta=1e4,
+                                   tie_word_embeddings=tied, **kw)
+    model = transformers.LlamaForCausalLM(cfg)
+  model.config._attn_implementation = "eager"
+  with torch.no_grad():  # away from init values so that wrong wiring cannot hide
+    for p in model.parameters():
+      p.add_(0.1 * torch.randn_like(p))
+  model.eval()
+  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
+  return model, state
+
+
+def to_flax(model, state, **overrides):
+  config = LLMConfig.from_hf(model.config.to_dict(), **overrides)
+  jmodel = CausalLM(config)
+  expected = jax.eval_shape(jmodel.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+  return config, jmodel, llm_convert.from_torch_state(state, config, expected=expected)
+
+
+CASES = [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True)]
+
+
+@pytest.mark.parametrize("family,tied", CASES)
+def test_logits_match_transformers_long_padded_batch(family, tied, highest_precision):
+  hf, state = make_hf(family, tied)
+  config, model, params = to_flax(hf, state)
+  assert config.family == family and config.tie_word_embeddings == tied
+  assert config.attention_bias == (family == "qwen2")
+  rng = np.random.default_rng(1)
+  ids = rng.integers(1, BASE["vocab_size"], (2, 576))  # RoPE bugs hide in short sequences
+  mask = np.ones_like(ids)
+  mask[1, 401:] = 0  # right padding
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids),
+                               key_valid=jnp.asarray(mask, bool))["logits"])
+  real = mask.astype(bool)
+  assert_close_to_scale(got[real], ref[real], 1e-5, f"{family} tied={tied} logits")
+
+
+def test_rope_scaling_llama3_matches_transformers(highest_precision):
+  scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+             "original_max_position_embeddings": 64}
+  hf, state = make_hf("llama", False, rope_scaling=scaling)
+  config, model, params = to_flax(hf, state)
+  assert config.rope_scaling_dict["rope_type"] == "llama3"
+  ids = np.random.default_rng(2).integers(1, 384, (1, 300))
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  got = np.asarray(model.apply({"params": params}, jnp.asarray(ids))["logits"])
+  assert_close_to_scale(got, ref, 1e-5, "llama3 rope")
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_greedy_generation_identical_to_hf_generate(family, highest_precision):
+  hf, state = make_hf(family, False, seed=3)
+  config, model, params = to_flax(hf, state)
+  rng = np.random.default_rng(4)
+  ids = rng.integers(1, 384, (3, 12))
+  mask = np.ones_like(ids)
+  mask[1, :5] = 0  # left padding, as HF batched generation expects
+  mask[2, :2] = 0
+  ids = np.where(mask == 1, ids, 0)
+  hf.generation_config.eos_token_id = None
+  hf.generation_config.pad_token_id = 0
+  with torch.no_grad():
+    ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=32,
+                      do_sample=False)[:, ids.shape[1]:].numpy()
+  sampling = SamplingConfig(max_new_tokens=32)
+  batched = generate(model, params, input_ids=ids, attention_mask=mask, sampling=sampling)
+  np.testing.assert_array_equal(batched.tokens, ref)
+  for row in range(3):  # unbatched, unpadded
+    single = generate(model, params, input_ids=ids[row:row + 1, mask[row] == 1], sampling=sampling)
+    np.testing.assert_array_equal(single.tokens[0], ref[row])
+  # Right padding is left-aligned internally: identical results.
+  right_ids = np.stack([np.concatenate([r[m == 1], r[m == 0]]) for r, m in zip(ids, mask)])
+  right_mask = np.sort(mask, axis=1)[:, ::-1].copy()
+  right = generate(model, params, input_ids=right_ids, attention_mask=right_mask, sampling=sampling)
+  np.testing.assert_array_equal(right.tokens, ref)
+
+
+def test_generation_from_embeddings_and_eos_stop():
+  hf, state = make_hf("qwen2", False, seed=5)
+  config, model, params = to_flax(hf, state)
+  ids = np.random.default_rng(6).integers(1, 384, (2, 9))
+  free = generate(model, params, input_ids=ids, sampling=SamplingConfig(max_new_tokens=12))
+  eos = int(free.tokens[0, 3])  # force row 0 to stop at its 4th token
+  embeds = model.apply({"params": params}, jnp.asarray(ids), method=CausalLM.embed)
+  out = generate(model, params, inputs_embeds=embeds,
+                 sampling=SamplingConfig(max_new_tokens=12, eos_ids=(eos,), pad_id=-1))
+  first = int(np.argmax(free.tokens[0] == eos))
+  np.testing.assert_array_equal(out.tokens[0, :first + 1], free.tokens[0, :first + 1])
+  assert (out.tokens[0, first + 1:] == -1).all() and out.lengths[0] == first + 1
+  row1_stop = np.flatnonzero(free.tokens[1] == eos)
+  n1 = row1_stop[0] + 1 if len(row1_stop) else 12
+  np.testing.assert_array_equal(out.tokens[1, :n1], free.tokens[1, :n1])
+
+
+def test_sampling_top_p_and_temperature():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4096))
+  keys = jax.random.key(0)
+  greedy = select_token(logits, keys, 0.0, 1.0)
+  assert (np.asarray(greedy) == 0).all()
+  top = np.asarray(select_token(logits, keys, 1.0, 0.7))
+  assert set(np.unique(top)) == {0, 1}  # 0.5 < 0.7, so token 1 is kept; 0.8 >= 0.7 stops
+  full = np.bincount(np.asarray(select_token(logits, keys, 1.0, 1.0)), minlength=4) / 4096
+  np.testing.assert_allclose(full, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+
+
+def test_scanned_and_remat_layouts_equal_unscanned(highest_precision):
+  hf, state = make_hf("qwen2", False, seed=7)
+  config, model, params = to_flax(hf, state)
+  ids = jnp.asarray(np.random.default_rng(8).integers(1, 384, (2, 40)))
+  ref = model.apply({"params": params}, ids)["logits"]
+  for overrides in ({"scan_layers": True}, {"remat_policy": "full"},
+                    {"scan_layers": True, "remat_policy": "dots"}):
+    cfg = dataclasses.replace(config, **overrides)
+    p = llm_convert.from_torch_state(state, cfg)
+    out = CausalLM(cfg).apply({"params": p}, ids)["logits"]
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    if cfg.scan_layers:  # conversion back from the scanned layout is exact
+      back = dict(llm_convert.to_torch_state(p, cfg))
+      assert all(np.array_equal(back[k], state[k]) for k in state)
+
+
+def test_packed_segments_equal_separate_sequences(highest_precision):
+  hf, state = make_hf("llama", False, seed=9)
+  config, model, params = to_flax(hf, state)
+  rng = np.random.default_rng(10)
+  a, b = rng.integers(1, 384, 23), rng.integers(1, 384, 17)
+  packed = jnp.asarray(np.concatenate([a, b])[None])
+  seg = jnp.asarray(np.r_[np.ones(23), 2 * np.ones(17)].astype(np.int32)[None])
+  pos = jnp.asarray(np.r_[np.arange(23), np.arange(17)][None])
+  out = np.asarray(model.apply({"params": params}, packed, positions=pos, segment_ids=seg)["logits"])
+  for sl, ids in ((slice(0, 23), a), (slice(23, 40), b)):
+    ref = np.asarray(model.apply({"params": params}, jnp.asarray(ids[None]))["logits"])
+    np.testing.assert_allclose(out[:, sl], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_logical_axis_names_on_every_parameter():
+  config = LLMConfig(**BASE)
+  abstract = jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  leaves = jax.tree.leaves(abstract["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == leaf.value.ndim
+
+
+def test_fsdp_sharded_forward_equals_unsharded(n_devices, highest_precision):
+  assert n_devices == 8, "conftest must give JAX 8 CPU devices"
+  config = LLMConfig(**dict(BASE, hidden_size=128, num_attention_heads=8, num_key_value_heads=4))
+  model = CausalLM(config)
+  ids = jnp.asarray(np.random.default_rng(11).integers(1, 384, (8, 32)))
+  boxed = model.init(jax.random.key(1), ids)
+  params = nn.unbox(boxed)["params"]
+  ref = model.apply({"params": params}, ids)["logits"]
+  for mesh_shape in ({"fsdp": 8}, {"data": 2, "fsdp": 2, "tensor": 2}):
+    mesh = sharding.make_mesh(**{"data": 1, "fsdp": 1, "tensor": 1, **mesh_shape})
+    shardings = sharding.logical_shardings(boxed["params"], mesh)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["embed_tokens"]["embedding"].sharding.spec[1] == "fsdp"
+
+    @jax.jit
+    def fwd(p, x):
+      with nn.logical_axis_rules(list(sharding.FSDP_RULES)):
+        return model.apply({"params": p}, x)["logits"]
+    with jax.set_mesh(mesh):
+      out = fwd(sharded, jax.device_put(ids, sharding.batch_sharding(mesh, 2)))
+    assert len(out.sharding.device_set) == 8
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
