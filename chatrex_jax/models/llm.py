@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.models.layers import Projection
+
 Array = jax.Array
 Cache = dict  # {"k": [L?, B, S, K, H], "v": [L?, B, S, K, H]}
 
@@ -197,11 +199,8 @@ class Attention(nn.Module):
     std = 0.02
 
     def proj(name, heads, head_axis):
-      return nn.DenseGeneral(
-          (heads, h), use_bias=cfg.attention_bias, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-          kernel_init=_init(std, ("embed", head_axis, "head_dim")),
-          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, (head_axis, "head_dim")),
-          name=name)(x)
+      return Projection((heads, h), ("embed",), (head_axis, "head_dim"), use_bias=cfg.attention_bias,
+                        std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)(x)
 
     q = proj("q_proj", n, "heads")
     key = proj("k_proj", k, "kv_heads")
@@ -230,9 +229,8 @@ class Attention(nn.Module):
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(cfg.dtype)).reshape(b, t, n, h)
-    out = nn.DenseGeneral(
-        cfg.hidden_size, axis=(-2, -1), use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-        kernel_init=_init(std, ("heads", "head_dim", "embed")), name="o_proj")(out)
+    out = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False, std=std,
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="o_proj")(out)
     return out, new_cache
 
 

@@ -57,9 +57,25 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
 
 
 def logical_shardings(abstract_tree, mesh: Mesh, rules=FSDP_RULES):
-  """NamedShardings for a boxed (logically partitioned) tree, e.g. from `jax.eval_shape(init)`."""
+  """NamedShardings for a boxed (logically partitioned) tree, e.g. from `jax.eval_shape(init)`.
+
+  A dimension whose size the mapped mesh axes do not divide (a 603-token vocabulary on a
+  2-way tensor axis) is replicated instead of failing; big models have divisible sizes.
+  """
   specs = nn.get_partition_spec(abstract_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+  shapes = nn.unbox(abstract_tree)
+
+  def fit(sharding, leaf):
+    if not isinstance(sharding, NamedSharding):
+      return sharding
+    dims = []
+    for size, axes in zip(leaf.shape, tuple(sharding.spec) + (None,) * (len(leaf.shape) - len(sharding.spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      ways = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+      dims.append(axes if size % ways == 0 else None)
+    return NamedSharding(mesh, PartitionSpec(*dims))
+  return jax.tree.map(fit, shardings, shapes, is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

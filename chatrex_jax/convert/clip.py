@@ -1,0 +1,88 @@
+"""HF CLIP vision tower <-> `chatrex_jax.models.clip_vit.CLIPVisionTower` parameters.
+
+Torch layouts (all handled by `prefix`):
+  * HF `CLIPVisionModel` / `CLIPModel`:  `vision_model.*`        (PREFIX_HF)
+  * ChatRex / RexSeek MLLM checkpoints:  `vision_tower.vision_tower.vision_model.*` (PREFIX_MLLM)
+`rules(config, prefix, flax_prefix)` is the key map (reuse it inside a bigger model by giving
+both prefixes); `to_flax` / `to_torch` wrap `chatrex_jax.convert.mapping` (strict: every
+missing, unexpected and mis-shaped key reported at once; round trips bit-identical).
+Keys that belong to a full `CLIPModel` but not to the vision tower (text tower, projections,
+logit scale) and the `position_ids` buffer are ignored explicitly (`ignore_patterns`).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from chatrex_jax.convert import mapping
+from chatrex_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Rule
+from chatrex_jax.models.clip_vit import CLIPVisionConfig
+
+PREFIX_HF = "vision_model."
+PREFIX_MLLM = "vision_tower.vision_tower.vision_model."
+
+
+def rules(cfg: CLIPVisionConfig, prefix: str = PREFIX_HF, flax_prefix: str = "") -> list[Rule]:
+  """Every torch key of the vision tower under `prefix` <-> its Flax path under `flax_prefix`."""
+  n = cfg.num_attention_heads
+  fp = flax_prefix.rstrip("/") + "/" if flax_prefix else ""
+  out = [
+      Rule(f"{prefix}embeddings.patch_embedding.weight", f"{fp}embeddings/patch_embedding", CONV2D),
+      Rule(f"{prefix}embeddings.class_embedding", f"{fp}embeddings/class_embedding"),
+      Rule(f"{prefix}embeddings.position_embedding.weight", f"{fp}embeddings/position_embedding"),
+  ]
+  for ln in ("pre_layrnorm", "post_layernorm"):
+    out += [Rule(f"{prefix}{ln}.weight", f"{fp}{ln}/scale"), Rule(f"{prefix}{ln}.bias", f"{fp}{ln}/bias")]
+  for i in range(cfg.num_hidden_layers):
+    t, f = f"{prefix}encoder.layers.{i}.", f"{fp}layers_{i}/"
+    for proj in ("q_proj", "k_proj", "v_proj"):
+      out += [Rule(f"{t}self_attn.{proj}.weight", f"{f}self_attn/{proj}/kernel", mapping.linear_to_heads(n)),
+              Rule(f"{t}self_attn.{proj}.bias", f"{f}self_attn/{proj}/bias", mapping.bias_to_heads(n))]
+    out += [Rule(f"{t}self_attn.out_proj.weight", f"{f}self_attn/out_proj/kernel", mapping.heads_to_linear(n)),
+            Rule(f"{t}self_attn.out_proj.bias", f"{f}self_attn/out_proj/bias", IDENTITY)]
+    for ln in ("layer_norm1", "layer_norm2"):
+      out += [Rule(f"{t}{ln}.weight", f"{f}{ln}/scale"), Rule(f"{t}{ln}.bias", f"{f}{ln}/bias")]
+    for fc in ("fc1", "fc2"):
+      out += [Rule(f"{t}mlp.{fc}.weight", f"{f}{fc}/kernel", LINEAR),
+              Rule(f"{t}mlp.{fc}.bias", f"{f}{fc}/bias")]
+  return out
+
+
+def ignore_patterns(prefix: str = PREFIX_HF) -> list[str]:
+  """Torch keys that may accompany the tower and carry nothing it needs."""
+  root = prefix[:-len("vision_model.")] if prefix.endswith("vision_model.") else prefix
+  return [f"{prefix}embeddings.position_ids",          # buffer in older transformers
+          f"{root}text_model.*", f"{root}visual_projection.*", f"{root}text_projection.*",
+          f"{root}logit_scale", f"{root}logit_bias"]
+
+
+def detect_prefix(keys: Iterable[str]) -> str:
+  """The prefix of the vision tower in a state dict (MLLM, HF, or bare 'embeddings.*')."""
+  keys = list(keys)
+  for p in (PREFIX_MLLM, PREFIX_HF):
+    if any(k.startswith(p + "embeddings.") for k in keys):
+      return p
+  if any(k.startswith("embeddings.patch_embedding") for k in keys):
+    return ""
+  raise ValueError("no CLIP vision tower found: expected keys like "
+                   f"'{PREFIX_HF}embeddings.patch_embedding.weight' or '{PREFIX_MLLM}...'")
+
+
+def to_flax(state: Mapping[str, np.ndarray], cfg: CLIPVisionConfig, *, prefix: str | None = None,
+            expected: Mapping | None = None, strict: bool = True, dtype=None,
+            extra_ignore: Iterable[str] = ()) -> dict:
+  """torch state dict -> Flax params of `CLIPVisionTower(cfg)` (prefix auto-detected if None).
+
+  strict=True reports every key under the state dict that no rule or ignore pattern covers.
+  """
+  prefix = detect_prefix(state.keys()) if prefix is None else prefix
+  return mapping.to_flax(state, rules(cfg, prefix), what=f"CLIP vision ({prefix or 'bare'})",
+                         expected=expected, ignore=ignore_patterns(prefix) + list(extra_ignore),
+                         dtype=dtype, strict=strict)
+
+
+def to_torch(params: Mapping, cfg: CLIPVisionConfig, *, prefix: str = PREFIX_HF,
+             dtype=None) -> dict[str, np.ndarray]:
+  """Flax params -> torch state dict (HF names under `prefix`)."""
+  return dict(mapping.to_torch(params, rules(cfg, prefix), what="CLIP vision", dtype=dtype))

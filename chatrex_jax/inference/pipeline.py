@@ -1,0 +1,106 @@
+"""End-to-end ChatRex inference: image (+ boxes or UPN proposals) + task -> answer -> boxes.
+
+  pipe = ChatRexPipeline.from_checkpoint("ChatRex-7B")        # config.json + safetensors + tokenizer
+  out = pipe.run(image, task="detect", objects="person; pigeon", boxes=proposals)
+  out.answer, out.parsed.phrases[0].boxes
+
+Batches of samples are padded to fixed shapes (sequence length rounded up to `seq_bucket`,
+boxes to `max_objects`), so one compilation serves many calls; the image/object embedding
+step and the generation loop are both jitted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chatrex_jax.inference import parser as parser_lib
+from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
+from chatrex_jax.inference.processor import ChatRexProcessor, ProcessedSample
+from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig
+
+
+@dataclasses.dataclass
+class Prediction:
+  question: str
+  answer: str  # decoded, special tokens kept, stripped (official decode)
+  parsed: parser_lib.ParseResult
+  boxes: np.ndarray  # the input boxes (original-image xyxy) the indices refer to
+  notes: list[str]
+
+  def to_dict(self) -> dict:
+    return {"question": self.question, "answer": self.answer, "parsed": self.parsed.to_dict(),
+            "boxes": self.boxes.tolist(), "notes": self.notes}
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _embed(model: ChatRex, params, batch):
+  embeds, _ = model.apply({"params": params}, batch, method=ChatRex.embed_inputs)
+  return embeds
+
+
+class ChatRexPipeline:
+  def __init__(self, config: ChatRexConfig, params, processor: ChatRexProcessor, *,
+               max_objects: Optional[int] = None, seq_bucket: int = 64):
+    self.config = config
+    self.params = params
+    self.processor = processor
+    self.model = ChatRex(config)
+    self.max_objects = max_objects or processor.max_objects
+    self.seq_bucket = seq_bucket
+    self.eos_ids = eos_ids_for(processor.tokenizer)
+
+  @classmethod
+  def from_checkpoint(cls, path, *, dtype=None, **processor_kwargs) -> "ChatRexPipeline":
+    from chatrex_jax.convert import chatrex as chatrex_convert
+    config, params, _ = chatrex_convert.load_checkpoint(path, dtype=dtype)
+    processor = ChatRexProcessor.from_checkpoint(
+        path, aux_size=config.aux_image_size, clip_size=config.clip.image_size, **processor_kwargs)
+    return cls(config, jax.device_put(params), processor)
+
+  def prepare(self, samples: Sequence[ProcessedSample]) -> dict:
+    """Fixed-shape model batch for processed samples (right-padded; NHWC images)."""
+    longest = max(len(s.input_ids) + self.config.num_image_tokens for s in samples)
+    seq_len = -(-longest // self.seq_bucket) * self.seq_bucket
+    arrays = self.processor.batch(samples, seq_len=seq_len, max_objects=self.max_objects,
+                                  num_image_tokens=self.config.num_image_tokens)
+    keys = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
+            "source_index", "attention_mask", "position_ids")
+    return {k: jnp.asarray(arrays[k]) for k in keys}
+
+  def generate(self, samples: Sequence[ProcessedSample], sampling: SamplingConfig) -> list[str]:
+    batch = self.prepare(samples)
+    embeds = _embed(self.model, self.params, batch)
+    out = generate(self.model.llm_module, self.params["llm"], inputs_embeds=embeds,
+                   attention_mask=batch["attention_mask"], sampling=sampling)
+    texts = []
+    for row, n in zip(out.tokens, out.lengths):
+      ids = [int(t) for t in row[:n] if int(t) not in self.eos_ids]
+      texts.append(self.processor.tokenizer.decode(ids, skip_special_tokens=False).strip())
+    return texts
+
+  def run_batch(self, images: Sequence[Any], questions: Sequence[str], boxes: Sequence[Any], *,
+                max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
+                rng=None) -> list[Prediction]:
+    """Answers one question per image, each about its own boxes (original-image xyxy)."""
+    if not len(images) == len(questions) == len(boxes):
+      raise ValueError(f"got {len(images)} images, {len(questions)} questions, {len(boxes)} box lists")
+    samples = [self.processor.process(img, q, b) for img, q, b in zip(images, questions, boxes)]
+    pad = self.processor.tokenizer.pad_token_id
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              eos_ids=self.eos_ids, pad_id=0 if pad is None else int(pad))
+    answers = self.generate(samples, sampling)
+    return [Prediction(question=q, answer=a, parsed=self.processor.parse(a, s),
+                       boxes=s.image.boxes_original, notes=s.image.notes)
+            for q, a, s in zip(questions, answers, samples)]
+
+  def run(self, image, task: str = "detect", *, boxes=None, objects=None, granularity=None,
+          text=None, variant: int = 0, **kw) -> Prediction:
+    """One image, one task with the official prompt (see `inference.prompts.question`)."""
+    from chatrex_jax.inference import prompts
+    question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text)
+    return self.run_batch([image], [question], [np.zeros((0, 4)) if boxes is None else boxes], **kw)[0]

@@ -1,0 +1,169 @@
+"""The ChatRex MLLM: two vision towers, object tokens and a Qwen2/LLaMA decoder (spec part B).
+
+A thin wrapper with named steps, PaliGemma-style:
+
+  embed_image(pixel_values, pixel_values_aux)   CLIP [B,336,336,3] + ConvNeXt [B,768,768,3]
+      -> image tokens [B, NI, D] (mm_projector(CLIP patches ++ last ConvNeXt map)), ConvNeXt maps
+  embed_objects(maps, boxes, box_mask)           boxes [B, M, 4] xyxy in the aux frame
+      -> object tokens [B, M, D] (multi-level RoI + sine box embedding -> mm_object_projector)
+  embed_sequence(token_ids, source, source_index, image_tokens, object_tokens)
+      -> inputs_embeds [B, T, D]: text embeddings with image/object tokens scattered in at the
+         positions the data pipeline computed (`chatrex_jax.data.tokenize.merge_plan`)
+  __call__(batch) -> {"logits", "image_tokens", "object_tokens", "inputs_embeds", ...}
+
+Generation reuses the decoder's KV-cache loop: `embed_inputs` gives the merged embeddings,
+then `chatrex_jax.inference.generate.generate(model.llm_module, params["llm"], ...)`.
+
+Images enter NHWC, normalised with the CLIP mean/std (`chatrex_jax.inference.processor`).
+Parameter tree: llm/, vision_tower/, vision_tower_aux/, mm_projector/, mm_object_projector/.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from chatrex_jax.data import constants as C
+from chatrex_jax.data.tokenize import merge_embeddings
+from chatrex_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionTower
+from chatrex_jax.models.convnext import ConvNeXt, ConvNeXtConfig
+from chatrex_jax.models.llm import CausalLM, LLMConfig
+from chatrex_jax.models.object_encoder import MultiLevelRoIEncoder
+from chatrex_jax.models.projector import MLP2xGELU, fuse_image_tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatRexConfig:
+  llm: LLMConfig
+  clip: CLIPVisionConfig = CLIPVisionConfig()
+  convnext: ConvNeXtConfig = ConvNeXtConfig()
+  aux_image_size: int = C.AUX_IMAGE_SIZE  # boxes live in this frame
+  roi_output_size: int = 7
+  add_pos_embedding: bool = True
+  # Training switches (spec B.11): the released ConvNeXt runs under no_grad.
+  train_vision_tower: bool = True
+  train_vision_tower_aux: bool = False
+
+  @property
+  def spatial_scale(self) -> float:
+    """Level-0 ConvNeXt cells per aux-image pixel (192 / 768 = 0.25)."""
+    return 1.0 / self.convnext.patch_size
+
+  @property
+  def num_image_tokens(self) -> int:
+    return self.clip.grid ** 2
+
+
+class ChatRex(nn.Module):
+  config: ChatRexConfig
+
+  def setup(self):
+    cfg = self.config
+    hidden = cfg.llm.hidden_size
+    dtype, param_dtype = cfg.llm.dtype, cfg.llm.param_dtype
+    self.llm = CausalLM(cfg.llm)
+    self.vision_tower = CLIPVisionTower(cfg.clip)
+    self.vision_tower_aux = ConvNeXt(cfg.convnext)
+    self.mm_projector = MLP2xGELU(hidden, dtype, param_dtype)
+    self.mm_object_projector = MLP2xGELU(hidden, dtype, param_dtype)
+    self.box_encoder = MultiLevelRoIEncoder(
+        output_size=cfg.roi_output_size, spatial_scale=cfg.spatial_scale,
+        add_pos_embedding=cfg.add_pos_embedding)
+
+  @property
+  def llm_module(self) -> CausalLM:
+    return CausalLM(self.config.llm)
+
+  def encode_aux(self, pixel_values_aux: jax.Array) -> tuple[jax.Array, ...]:
+    """ConvNeXt stage maps (NHWC); gradient-free unless `train_vision_tower_aux`."""
+    maps = self.vision_tower_aux(pixel_values_aux)
+    if not self.config.train_vision_tower_aux:
+      maps = jax.tree.map(jax.lax.stop_gradient, maps)
+    return maps
+
+  def embed_image(self, pixel_values: jax.Array, pixel_values_aux: jax.Array):
+    """[B, Hc, Wc, 3], [B, Ha, Wa, 3] -> (image tokens [B, NI, D], ConvNeXt maps, CLIP features)."""
+    clip = self.vision_tower(pixel_values)
+    if not self.config.train_vision_tower:
+      clip = jax.lax.stop_gradient(clip)
+    maps = self.encode_aux(pixel_values_aux)
+    tokens = self.mm_projector(fuse_image_tokens(clip, maps[-1]))
+    return tokens, maps, clip
+
+  def embed_objects(self, maps, boxes: jax.Array, box_mask: jax.Array):
+    """maps from `embed_image`, boxes [B, M, 4] xyxy (aux frame), box_mask [B, M] bool
+    -> (object tokens [B, M, D] (zero on padding), raw RoI features [B, M, sum C])."""
+    raw = self.box_encoder(maps, boxes, box_mask)
+    tokens = self.mm_object_projector(raw)
+    return jnp.where(box_mask[..., None], tokens, 0).astype(tokens.dtype), raw
+
+  def embed_sequence(self, token_ids, source, source_index, image_tokens, object_tokens):
+    """Text embeddings with image/object tokens at the planned positions -> [B, T, D]."""
+    text = self.llm.embed(token_ids)
+    return merge_embeddings(text, image_tokens, object_tokens, source, source_index)
+
+  def embed_inputs(self, batch: Mapping[str, jax.Array]):
+    """All embedding steps for a batch (see `__call__` for the keys) -> (embeds, intermediates)."""
+    image_tokens, maps, clip = self.embed_image(batch["pixel_values"], batch["pixel_values_aux"])
+    object_tokens, raw = self.embed_objects(maps, batch["boxes"], batch["box_mask"])
+    embeds = self.embed_sequence(batch["token_ids"], batch["source"], batch["source_index"],
+                                 image_tokens, object_tokens)
+    inter = {"clip_features": clip, "aux_maps": maps, "image_tokens": image_tokens,
+             "object_features_raw": raw, "object_tokens": object_tokens}
+    return embeds, inter
+
+  def __call__(self, batch: Mapping[str, jax.Array], return_intermediates: bool = False) -> dict:
+    """Forward pass for training / scoring.
+
+    batch: pixel_values [B, Hc, Wc, 3], pixel_values_aux [B, Ha, Wa, 3], boxes [B, M, 4],
+      box_mask [B, M], and the merge plan: token_ids, source, source_index, attention_mask,
+      position_ids [B, T] (`chatrex_jax.data.tokenize.merge_plan`).
+    returns: {"logits": [B, T, V] fp32, "inputs_embeds": [B, T, D], + intermediates if asked}.
+    """
+    embeds, inter = self.embed_inputs(batch)
+    out = self.llm(inputs_embeds=embeds, positions=batch["position_ids"],
+                   key_valid=batch["attention_mask"].astype(bool))
+    result = {"logits": out["logits"], "inputs_embeds": embeds}
+    if return_intermediates:
+      result.update(inter)
+    return result
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token cross-entropy over labels != IGNORE_INDEX (HF `ForCausalLMLoss`).
+
+  logits [B, T, V], labels [B, T] -> (mean loss, number of labelled tokens).
+  """
+  shift_logits = logits[:, :-1].astype(jnp.float32)
+  shift_labels = labels[:, 1:]
+  valid = shift_labels != C.IGNORE_INDEX
+  logp = jax.nn.log_softmax(shift_logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, jnp.where(valid, shift_labels, 0)[..., None], axis=-1)[..., 0]
+  count = valid.sum()
+  return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(count, 1), count
+
+
+def init_params(config: ChatRexConfig, rng: jax.Array, batch_size: int = 1, num_tokens: int = 8,
+                max_objects: int = 4):
+  """Random (boxed, logically partitioned) parameters for `ChatRex(config)`."""
+  model = ChatRex(config)
+  return model.init(rng, example_batch(config, batch_size, num_tokens, max_objects))
+
+
+def example_batch(config: ChatRexConfig, batch_size: int = 1, num_tokens: int = 8,
+                  max_objects: int = 4) -> dict:
+  """A zero batch with the right shapes (for init / eval_shape / AOT compilation)."""
+  clip_px = config.clip.image_size
+  aux_px = config.aux_image_size
+  b, t, m = batch_size, num_tokens, max_objects
+  return {
+      "pixel_values": jnp.zeros((b, clip_px, clip_px, 3), jnp.float32),
+      "pixel_values_aux": jnp.zeros((b, aux_px, aux_px, 3), jnp.float32),
+      "boxes": jnp.zeros((b, m, 4), jnp.float32), "box_mask": jnp.zeros((b, m), bool),
+      "token_ids": jnp.zeros((b, t), jnp.int32), "source": jnp.zeros((b, t), jnp.int32),
+      "source_index": jnp.zeros((b, t), jnp.int32), "attention_mask": jnp.ones((b, t), jnp.int32),
+      "position_ids": jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)),
+  }

@@ -1,0 +1,60 @@
+"""Shared layers.
+
+`Projection` is a DenseGeneral whose kernel is created at its full multi-dimensional shape
+with its logical axis names. Flax's `nn.DenseGeneral` initialises a flat 2-d kernel and
+reshapes the boxed value, which applies a rank-3 sharding constraint to a rank-2 array as
+soon as logical-axis rules and a mesh are active (it even does so at `apply`, where Flax
+re-derives the shape). Creating the parameter at its real shape avoids that and keeps
+fan-in/fan-out correct for the initialiser.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class Projection(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `len(in_names)` axes of x.
+
+  features: output feature shape, e.g. (N, H) for per-head projections or (D,).
+  in_names / out_names: logical axis names of the contracted and the output axes.
+  kernel shape = x.shape[-len(in_names):] + features.
+  """
+  features: Sequence[int]
+  in_names: Sequence[str | None]
+  out_names: Sequence[str | None]
+  use_bias: bool = True
+  kernel_init: Any = None  # default: lecun-normal style variance over the contracted axes
+  std: float | None = None  # a plain normal(std) init instead (HF-style LLM init)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    n_in, features = len(self.in_names), tuple(self.features)
+    in_shape = x.shape[-n_in:]
+    shape = tuple(in_shape) + features
+    in_axes = tuple(range(n_in))
+    out_axes = tuple(range(n_in, n_in + len(features)))
+    if self.kernel_init is not None:
+      init = self.kernel_init
+    elif self.std is not None:
+      init = nn.initializers.normal(self.std)
+    else:
+      init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                              in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.in_names) + tuple(self.out_names)),
+                        shape, self.param_dtype)
+    x_axes = tuple(range(x.ndim - n_in, x.ndim))
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((x_axes, in_axes), ((), ())), precision=self.precision)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_names)),
+                        features, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y

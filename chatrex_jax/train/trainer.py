@@ -1,0 +1,251 @@
+"""The shared training loop (MLLM stages and UPN): sharded jitted steps, Orbax resume, metrics.
+
+A model family plugs in through a `TrainTask` (see `chatrex_jax/train/mllm_task.py`):
+
+  abstract_params()      boxed abstract tree (`jax.eval_shape(model.init, ...)`) -> shardings
+  init_params(rng)       parameters (called under jit with the sharded out_shardings)
+  loss(params, batch, rng) -> (loss_sum, denominator, metrics)   fp32 scalars
+  trainable_patterns() / frozen_patterns()  glob patterns over 'a/b/c' parameter paths
+  make_data(process_index, process_count) -> iterator of per-host numpy batches with
+                         get_state() / set_state()
+  group_lrs()            optional {pattern: peak lr} (UPN's backbone)
+
+Gradient accumulation splits the global batch into `grad_accum` micro-batches scanned in
+one step; the loss is sum(loss_sum) / sum(denominator) over the whole batch, so accumulation
+does not change the result. A non-finite loss or gradient norm stops training with a clear
+message before anything is saved: the last good checkpoint stays intact. SIGTERM
+(preemption) saves a final checkpoint and exits cleanly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from chatrex_jax.train import checkpoint as ckpt_lib
+from chatrex_jax.train import metrics as metrics_lib
+from chatrex_jax.train import optimizer as opt_lib
+from chatrex_jax.train import sharding as sharding_lib
+
+
+class TrainingDiverged(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  trainable: Any
+  frozen: Any
+  opt_state: Any
+  rng: jax.Array  # raw uint32 key data (checkpointable)
+
+
+def _microbatches(batch, n: int):
+  def split(x):
+    if x.shape[0] % n:
+      raise ValueError(f"global batch {x.shape[0]} is not divisible by grad_accum={n}")
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(task, tx, grad_accum: int = 1) -> Callable:
+  """(state, batch) -> (state, metrics); pure, for jax.jit."""
+
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+    def micro_loss(trainable, micro, key):
+      loss_sum, denom, aux = task.loss(opt_lib.merge(trainable, state.frozen), micro, key)
+      return loss_sum, (denom, aux)
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    if grad_accum == 1:
+      (loss_sum, (denom, aux)), grads = grad_fn(state.trainable, batch, rng)
+    else:
+      micros = _microbatches(batch, grad_accum)
+      zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+
+      def body(carry, xs):
+        g_acc, l_acc, d_acc = carry
+        micro, i = xs
+        (l, (d, aux)), g = grad_fn(state.trainable, micro, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, d_acc + d), aux
+      (grads, loss_sum, denom), auxs = jax.lax.scan(
+          body, (zeros, jnp.float32(0), jnp.float32(0)), (micros, jnp.arange(grad_accum)))
+      aux = jax.tree.map(lambda a: jnp.mean(a, axis=0), auxs)
+    denom = jnp.maximum(denom, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    loss = loss_sum / denom
+    grad_norm = optax_global_norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.trainable)
+    new_trainable = jax.tree.map(lambda p, u: (p + u).astype(p.dtype), state.trainable, updates)
+    # A non-finite step leaves the state untouched; the host stops on the flag.
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+    new_state = state.replace(step=state.step + 1, trainable=keep(new_trainable, state.trainable),
+                              opt_state=keep(new_opt, state.opt_state))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "denominator": denom, **aux}
+    return new_state, metrics
+  return step_fn
+
+
+def optax_global_norm(tree) -> jax.Array:
+  leaves = jax.tree.leaves(tree)
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.float32(0)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  history: list[dict]
+  stopped_by: str  # "done" | "sigterm" | "max_steps_this_run"
+
+
+class Trainer:
+  """Builds mesh, shardings, state and the jitted step for a task; runs and resumes."""
+
+  def __init__(self, config, task, workdir, devices=None):
+    import pathlib
+    self.config = config
+    self.task = task
+    self.workdir = pathlib.Path(workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    mesh_cfg = config.mesh
+    self.mesh = sharding_lib.make_mesh(mesh_cfg.get("data", 1), mesh_cfg.get("fsdp", -1),
+                                       mesh_cfg.get("tensor", 1), devices=devices)
+    self.rules = [tuple(r) for r in config.get("logical_rules", sharding_lib.FSDP_RULES)]
+    self._sigterm = False
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def _state_shardings(self):
+    abstract = self.task.abstract_params()
+    param_shardings = nn.unbox(sharding_lib.logical_shardings(abstract, self.mesh, self.rules))
+    mask = opt_lib.trainable_mask(nn.unbox(abstract), self.task.trainable_patterns(),
+                                  self.task.frozen_patterns())
+    tr_sh, fr_sh = opt_lib.partition(param_shardings, mask)
+    return param_shardings, mask, tr_sh, fr_sh
+
+  def init_state(self) -> TrainState:
+    cfg = self.config
+    param_shardings, mask, tr_sh, fr_sh = self._state_shardings()
+    seed = cfg.train.get("seed", 0)
+    pretrained = self.task.pretrained_params() if hasattr(self.task, "pretrained_params") else None
+    if pretrained is not None:  # host arrays straight onto their shards
+      params = jax.device_put(pretrained, param_shardings)
+    else:  # no mesh context: Flax reshapes some boxed kernels inside init
+      params = jax.jit(lambda r: nn.unbox(self.task.init_params(r)),
+                       out_shardings=param_shardings)(jax.random.key(seed))
+    trainable, frozen = opt_lib.partition(params, mask)
+    self.tx, self.schedule = opt_lib.make_optimizer(cfg.optim, group_lrs=self.task.group_lrs(),
+                                                    params=trainable)
+    with jax.set_mesh(self.mesh):
+      opt_state = jax.jit(self.tx.init)(trainable)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated)
+    return TrainState(step=jax.device_put(jnp.int32(0), replicated), trainable=trainable,
+                      frozen=frozen, opt_state=opt_state, rng=rng)
+
+  # -- loop ----------------------------------------------------------------------------------
+
+  def _on_sigterm(self, signum, frame):
+    self._sigterm = True
+
+  def _global_batch(self, local):
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    n = next(iter(local.values())).shape[0] * jax.process_count()
+    if n % shards:
+      raise ValueError(f"global batch {n} is not divisible by the data x fsdp mesh size {shards}: "
+                       "change data.batch_size or mesh.data / mesh.fsdp")
+
+    def put(x):
+      sharding = sharding_lib.batch_sharding(self.mesh, np.ndim(x))
+      return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+    return jax.tree.map(put, local)
+
+  def train(self, max_steps_this_run: Optional[int] = None, progress: bool = True) -> TrainResult:
+    cfg = self.config
+    tcfg = cfg.train
+    total = int(cfg.optim.total_steps)
+    state = self.init_state()
+    data = self.task.make_data(jax.process_index(), jax.process_count())
+    ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tcfg.get("keep_checkpoints", 3),
+                                 async_save=tcfg.get("async_checkpointing", True))
+    start = ckpt.latest_step()
+    if start is not None:
+      state, data_state = ckpt.restore(start, ckpt_lib.abstract_like(state))
+      if data_state and hasattr(data, "set_state"):
+        data.set_state(data_state)
+      print(f"resumed from step {start} ({self.workdir / 'checkpoints'})", flush=True)
+    step_fn = make_train_step(self.task, self.tx, tcfg.get("grad_accum", 1))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+    writer = metrics_lib.MetricWriter(self.workdir)
+    previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+    history, stopped_by = [], "done"
+    step = int(state.step)
+    first = step
+    flops = peak = None
+    bar = None
+    if progress and jax.process_index() == 0:
+      from tqdm import tqdm
+      bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    try:
+      with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+        while step < total:
+          if max_steps_this_run is not None and step - first >= max_steps_this_run:
+            stopped_by = "max_steps_this_run"
+            break
+          local = next(data)
+          batch = self._global_batch(local)
+          if flops is None:
+            flops = metrics_lib.compiled_flops(jitted.lower(state, batch).compile()) or float("nan")
+            peak = tcfg.get("peak_flops", None) or metrics_lib.peak_flops_per_device()
+          t0 = time.perf_counter()
+          state, m = jitted(state, batch)
+          m = jax.device_get(m)
+          dt = time.perf_counter() - t0
+          step += 1
+          if not bool(m["finite"]):
+            raise TrainingDiverged(
+                f"step {step}: non-finite loss ({float(m['loss'])}) or gradient norm "
+                f"({float(m['grad_norm'])}); training stopped, nothing was saved for this step. "
+                f"The last good checkpoint is step {ckpt.latest_step()} in {self.workdir / 'checkpoints'}. "
+                "Lower the learning rate, check the data, or use fp32 compute.")
+          row = {k: float(v) for k, v in m.items() if k != "finite"}
+          if hasattr(self.task, "batch_signature"):  # data-order fingerprint, for resume checks
+            row["data_signature"] = float(self.task.batch_signature(local))
+          row.update(lr=float(self.schedule(step - 1)), step_time_s=dt,
+                     tokens_per_s=float(self.task.tokens_in(local)) * jax.process_count() / dt)
+          if flops == flops and peak:
+            row["mfu"] = flops / dt / (peak * jax.device_count())
+          history.append({"step": step, **row})
+          if step % tcfg.get("log_every", 1) == 0 or step == total:
+            writer.write(step, row)
+          if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+          if step % tcfg.get("checkpoint_every", 100) == 0 or step == total:
+            ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None)
+          if self._sigterm:
+            ckpt.save(step, state, data.get_state() if hasattr(data, "get_state") else None, force=True)
+            stopped_by = "sigterm"
+            break
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+      if bar is not None:
+        bar.close()
+      ckpt.close()
+      writer.close()
+    self.state = state
+    return TrainResult(step=step, history=history, stopped_by=stopped_by)

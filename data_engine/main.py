@@ -1,0 +1,55 @@
+"""`chatrex-jax data-engine` / `python -m data_engine`.
+
+    chatrex-jax data-engine --config configs/data_engine_synthetic.py:200 --output /tmp/scenes
+    chatrex-jax data-engine --config configs/data_engine_hf.py:/models --output /data/rv \\
+        --config.batch_size=16 --runner DataflowRunner -- --project=... --region=...
+
+Rerunning the same command resumes: finished shards are kept, the rest are redone.
+Arguments after `--` are passed to Beam as pipeline options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  beam_args: list[str] = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, beam_args = argv[:i], argv[i + 1:]
+  overrides = [a for a in argv if a.startswith("--config.")]
+  rest = [a for a in argv if not a.startswith("--config.")]
+  parser = argparse.ArgumentParser(prog="chatrex-jax data-engine", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/data_engine_synthetic.py:64")
+  parser.add_argument("--output", required=True, help="output directory (resumable)")
+  parser.add_argument("--runner", default=None, help="Beam runner (default: DirectRunner)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="discard an earlier run in --output made with another config/inputs")
+  parser.add_argument("--print-config", action="store_true")
+  args = parser.parse_args(rest)
+
+  from data_engine import config as config_lib
+  from data_engine import pipeline
+  config = config_lib.load_config(args.config)
+  for o in overrides:
+    key, sep, value = o[len("--config."):].partition("=")
+    if not sep:
+      parser.error(f"{o}: expected --config.key=value")
+    config_lib.apply_override(config, key, value)
+  cfg = config_lib.to_plain(config)
+  if args.runner:
+    cfg["beam"]["runner"] = args.runner
+  if beam_args:
+    cfg["beam"]["pipeline_args"] = list(cfg["beam"].get("pipeline_args", [])) + beam_args
+  if args.print_config:
+    print(json.dumps(cfg, indent=1, sort_keys=True))
+  pipeline.run(cfg, args.output, overwrite=args.overwrite)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,235 @@
+"""Output parser: official behaviour (visualiser and evaluation script), malformed answers,
+property tests on arbitrary text."""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from chatrex_jax.inference import parser as PR
+
+BOXES = np.array([[10, 20, 30, 40], [0, 0, 5, 5], [100, 50, 120, 90], [1, 2, 3, 4],
+                  [7, 7, 8, 8], [50, 60, 70, 80]], np.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# official references (ChatRex tools/visualize.py, RexSeek evaluation/evaluate_rexseek.py)
+
+
+def official_visualizer_pairs(text, input_boxes):
+  """(label, box index) pairs that visualize_chatrex_output draws."""
+  pattern = r"<ground>(.*?)<\/ground><objects>(.*?)<\/objects>"
+  ans = {}
+  for ground, objects in re.findall(pattern, text):
+    ground = ground.strip()
+    tags = re.findall(r"<obj\d+>", objects)
+    if ground not in ans:
+      ans[ground] = tags
+  pairs = []
+  for k, v in ans.items():
+    for box in v:
+      idx = int(box[4:-1])
+      if idx < len(input_boxes):
+        pairs.append((k, idx))
+  return pairs, ans
+
+
+def official_eval(text, boxes):
+  """extracted_predictions of evaluate_rexseek.py (boxes given as xyxy lists)."""
+  pattern1 = r"<ground>(.*?)<\/ground><objects>(.*?)<\/objects>"
+  matches = re.findall(pattern1, text)
+  if len(matches) == 0:
+    matches = re.findall(r"<ground> (.*?) <\/ground> <objects> (.*?) <\/objects>", text)
+  ans = {}
+  for ground, objects in matches:
+    ground = ground.strip()
+    tags = re.findall(r"<obj\d+>", objects)
+    if ground not in ans:
+      ans[ground] = tags
+  try:
+    pred = list(ans.values())[0]
+    pred = [int(re.findall(r"\d+", i)[0]) for i in pred]
+    pred_boxes = [list(boxes[i]) for i in pred]
+  except Exception:
+    pred_boxes = [[]]
+  if "There is no such thing in this image" in text:
+    pred_boxes = [[]]
+  return pred_boxes
+
+
+# ------------------------------------------------------------------------------------------
+# examples from the spec (B.10)
+
+
+def test_detection_answer():
+  text = ("<ground>person</ground><objects><obj0><obj2></objects>\n"
+          "<ground>pigeon</ground><objects><obj3></objects>")
+  r = PR.parse_grounded(text, BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("person", [0, 2]), ("pigeon", [3])]
+  np.testing.assert_array_equal(r.phrases[0].boxes, BOXES[[0, 2]])
+  assert r.dropped == [] and r.mentions == [] and not r.rejected
+  assert text[slice(*r.phrases[1].span)] == "<ground>pigeon</ground><objects><obj3></objects>"
+  json.dumps(PR.to_json(r))
+
+
+def test_region_and_grounded_caption():
+  r = PR.parse_grounded("<ground>A brown dog is lying on a bed.</ground><objects><obj0></objects>",
+                        BOXES[:1])
+  assert r.phrases[0].phrase == "A brown dog is lying on a bed." and r.phrases[0].indices == [0]
+  text = ("A cat sits on a <ground>plaid couch,</ground><objects><obj2></objects> a "
+          "<ground> lamp </ground><objects><obj1> <obj4></objects> stands nearby.")
+  r = PR.parse_grounded(text, BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("plaid couch,", [2]), ("lamp", [1, 4])]
+  assert [d.reason for d in r.dropped] == []
+
+
+def test_free_mention_and_rejection():
+  r = PR.parse_grounded("It is <obj0>, next to <obj3> and <obj0>.", BOXES)
+  assert r.phrases == [] and r.mentions == [0, 3]
+  r = PR.parse_grounded("There is no such thing in this image.", BOXES)
+  assert r.rejected and r.phrases == []
+  assert PR.parse_first_group("There is no such thing in this image.",
+                              BOXES).extracted_predictions == [[]]
+
+
+# ------------------------------------------------------------------------------------------
+# malformed answers
+
+
+def test_unclosed_and_unmatched_tags():
+  text = "<ground>cat</ground><objects><obj1>\n<ground>dog</ground><objects><obj2></objects> </ground>"
+  r = PR.parse_grounded(text, BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("dog", [2])]
+  reasons = [d.reason for d in r.dropped]
+  assert reasons.count("malformed_tag") == 4  # <ground> </ground> <objects> then the stray </ground>
+  assert r.mentions == [1]  # the <obj1> of the broken group is reported as a bare mention
+  r = PR.parse_grounded("<ground>cat", BOXES)
+  assert r.phrases == [] and [d.text for d in r.dropped] == ["<ground>"]
+
+
+def test_out_of_range_and_duplicates():
+  r = PR.parse_grounded("<ground>a</ground><objects><obj1><obj9><obj1><obj123456789012></objects>",
+                        BOXES)
+  assert r.phrases[0].indices == [1]
+  assert [d.reason for d in r.dropped] == ["index_out_of_range", "duplicate_index",
+                                           "index_out_of_range"]
+  r = PR.parse_grounded("<ground>a</ground><objects><obj9></objects>", BOXES)
+  assert r.phrases == [] and {d.reason for d in r.dropped} == {"index_out_of_range",
+                                                               "no_valid_indices"}
+  # without boxes the bound is num_boxes (default 100 = the tokens that exist)
+  r = PR.parse_grounded("<ground>a</ground><objects><obj9><obj120></objects>")
+  assert r.phrases[0].indices == [9] and r.phrases[0].boxes.shape == (0, 4)
+  r = PR.parse_grounded("<ground>a</ground><objects><obj9></objects>", num_boxes=5)
+  assert r.phrases == []
+
+
+def test_repeated_phrases():
+  text = ("<ground>man</ground><objects><obj0></objects> and <ground>man</ground><objects><obj1>"
+          "</objects> <ground>dog</ground><objects><obj0></objects>")
+  first = PR.parse_grounded(text, BOXES)
+  assert [(p.phrase, p.indices) for p in first.phrases] == [("man", [0]), ("dog", [0])]
+  assert [d.reason for d in first.dropped] == ["repeated_phrase"]
+  merged = PR.parse_grounded(text, BOXES, repeated="merge")
+  assert [(p.phrase, p.indices) for p in merged.phrases] == [("man", [0, 1]), ("dog", [0])]
+  np.testing.assert_array_equal(merged.phrases[0].boxes, BOXES[[0, 1]])
+  keep = PR.parse_grounded(text, BOXES, repeated="keep")
+  assert [(p.phrase, p.indices) for p in keep.phrases] == [("man", [0]), ("man", [1]), ("dog", [0])]
+  excl = PR.parse_grounded(text, BOXES, exclusive_indices=True)
+  assert [(p.phrase, p.indices) for p in excl.phrases] == [("man", [0])]
+  assert [d.reason for d in excl.dropped] == ["repeated_phrase", "no_valid_indices",
+                                              "index_used_by_earlier_phrase"]  # by position
+  with pytest.raises(ValueError):
+    PR.parse_grounded(text, repeated="all")
+
+
+def test_spaced_variant_and_stray_text():
+  text = "<ground> person </ground> <objects> <obj1><obj2> </objects>"
+  r = PR.parse_grounded(text, BOXES)
+  assert r.used_spaced_variant and [(p.phrase, p.indices) for p in r.phrases] == [("person", [1, 2])]
+  assert PR.parse_first_group(text, BOXES).indices == [1, 2]
+  r = PR.parse_grounded("<ground>x</ground><objects><obj1>, obj2 and <obj3></objects>", BOXES)
+  assert r.phrases[0].indices == [1, 3]
+  assert [(d.reason, d.text) for d in r.dropped] == [("stray_objects_text", ", obj2 and")]
+
+
+def test_first_group_parser():
+  text = ("<ground>person</ground><objects><obj3><obj3><obj0></objects>"
+          "<ground>dog</ground><objects><obj1></objects>")
+  r = PR.parse_first_group(text, BOXES)
+  assert r.phrase == "person" and r.indices == [3, 3, 0]  # no de-duplication (official)
+  assert r.boxes == [BOXES[3].tolist(), BOXES[3].tolist(), BOXES[0].tolist()]
+  bad = PR.parse_first_group("<ground>p</ground><objects><obj1><obj6></objects>", BOXES)
+  assert bad.extracted_predictions == [[]] and "[6]" in bad.failure
+  none = PR.parse_first_group("no groups here", BOXES)
+  assert none.extracted_predictions == [[]] and none.failure == "no grounded group"
+  empty = PR.parse_first_group("<ground>p</ground><objects></objects>", BOXES)
+  assert empty.extracted_predictions == [] and empty.failure is None
+
+
+# ------------------------------------------------------------------------------------------
+# property tests
+
+
+FRAGMENTS = ["<ground>", "</ground>", "<objects>", "</objects>", "<obj0>", "<obj1>", "<obj5>",
+             "<obj7>", "<obj99>", "<obj0012>", "<obj>", "<obj-1>", "man", "dog", " ", "  ", "\n",
+             ",", "There is no such thing in this image", "é", "\u2028", "<", ">", "obj3"]
+
+group = st.builds(
+    lambda ph, tags, sp: (f"<ground>{sp}{ph}{sp}</ground>{sp}<objects>{sp}"
+                          + "".join(f"<obj{t}>" for t in tags) + f"{sp}</objects>"),
+    st.sampled_from(["man", "dog", " man ", "a red car", "", "dog"]),
+    st.lists(st.integers(0, 9), max_size=4), st.sampled_from(["", "", "", " "]))
+structured = st.lists(st.one_of(group, st.sampled_from(FRAGMENTS)), max_size=12).map("".join)
+anything = st.one_of(st.text(max_size=200), structured,
+                     st.lists(st.sampled_from(FRAGMENTS), max_size=30).map("".join))
+
+
+def _check_invariants(text, r, limit):
+  for p in r.phrases:
+    assert p.indices and all(0 <= i < limit for i in p.indices)
+    assert len(set(p.indices)) == len(p.indices)
+    assert text[p.span[0]:p.span[1]].startswith("<ground>")
+  assert all(d.reason in PR.REASONS for d in r.dropped)
+  assert all(0 <= i < limit for i in r.mentions)
+  json.dumps(PR.to_json(r))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(anything, st.integers(0, 6))
+def test_never_crashes_and_reports(text, n):
+  boxes = BOXES[:n]
+  for kw in ({}, {"repeated": "merge"}, {"repeated": "keep"}, {"exclusive_indices": True}):
+    r = PR.parse_grounded(text, boxes, **kw)
+    _check_invariants(text, r, n)
+    for p in r.phrases:
+      np.testing.assert_array_equal(p.boxes, boxes[p.indices])
+    if kw == {}:
+      assert len({p.phrase for p in r.phrases}) == len(r.phrases)
+  fg = PR.parse_first_group(text, boxes)
+  json.dumps(PR.to_json(fg))
+
+
+@settings(max_examples=300, deadline=None)
+@given(structured, st.integers(0, 6))
+def test_agrees_with_official_visualiser(text, n):
+  """Same (phrase, box) pairs as ChatRex's visualiser, except the documented differences:
+  the spaced fallback and a phrase whose first group has no usable index."""
+  r = PR.parse_grounded(text, BOXES[:n])
+  if r.used_spaced_variant:
+    assert not re.findall(r"<ground>(.*?)</ground><objects>(.*?)</objects>", text)
+    return
+  want, ans = official_visualizer_pairs(text, BOXES[:n])
+  useless_first = {k for k, v in ans.items() if not any(int(t[4:-1]) < n for t in v)}
+  got = {(p.phrase, i) for p in r.phrases for i in p.indices if p.phrase not in useless_first}
+  assert got == set(want)
+
+
+@settings(max_examples=300, deadline=None)
+@given(structured, st.integers(0, 6))
+def test_first_group_agrees_with_official_eval(text, n):
+  boxes = BOXES[:n]
+  assert PR.parse_first_group(text, boxes).extracted_predictions == official_eval(
+      text, boxes.tolist())

@@ -1,0 +1,210 @@
+"""Task sampling (chatrex_jax/data/tasks.py): answers in the ChatRex grammar whose <objK> tags
+point at the right input boxes after proposal mixing and shuffling; official prompt variants;
+determinism; clear errors."""
+import re
+
+import numpy as np
+import pytest
+
+from chatrex_jax.data import constants as C
+from chatrex_jax.data import schema, tasks
+from chatrex_jax.inference import prompts
+from data_engine import synthetic
+
+GROUP_RE = re.compile(r"<ground>(.*?)</ground><objects>((?:<obj\d+>)*)</objects>")
+
+
+def scene_record(index: int, image_size: int = 64, seed: int = 0, proposals: bool = False,
+                 conversation: bool = True, width: int | None = None) -> dict:
+  """An engine record (schema v1) for synthetic scene `index`: every object (and its dot part)
+  is a region; the caption, descriptions and referring expressions come from the scene's
+  ground truth. width < image_size crops the scene to a portrait image (tests expand2square)."""
+  scene = synthetic.make_scene(seed, index, image_size=image_size)
+  img_w = width or image_size
+  regions = []
+  for o in scene["objects"]:
+    items = [(o["box"], o["shape"], synthetic.object_phrase(o), synthetic.describe(scene, o["id"]),
+              synthetic.referring_expression(scene, o["id"]), "coarse")]
+    if o["part"] is not None:
+      items.append((o["part"]["box"], synthetic.PART, f"{synthetic.PART_COLOR} {synthetic.PART}",
+                    synthetic.describe(scene, o["id"], part=True),
+                    synthetic.referring_expression(scene, o["id"], part=True), "fine"))
+    for box, cat, phrase, desc, ref, gran in items:
+      if box[2] > img_w:
+        continue
+      regions.append({"id": len(regions), "box": [float(v) for v in box], "category": cat,
+                      "phrase": phrase, "description": desc, "referring": ref, "score": 0.9,
+                      "verify_score": 0.95, "granularity": gran, "provenance": {"box": "oracle@1"}})
+  import io
+  img = synthetic.render(scene).crop((0, 0, img_w, image_size))
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  convs = []
+  if conversation and regions:
+    coarse = [r for r in regions if r["granularity"] == "coarse"]
+    text = "I see " + " and ".join(f"the {r['phrase']}" for r in coarse[:2]) + "."
+    groundings, pos = [], 0
+    for r in coarse[:2]:
+      s = text.index(r["phrase"], pos)
+      groundings.append({"start": s, "end": s + len(r["phrase"]), "region_ids": [r["id"]]})
+      pos = s + len(r["phrase"])
+    convs = [{"role": "user", "text": "What do you see?", "groundings": []},
+             {"role": "assistant", "text": text, "groundings": groundings},
+             {"role": "user", "text": "How many shapes?", "groundings": []},
+             {"role": "assistant", "text": f"There are {len(coarse)} shapes.", "groundings": []}]
+  rec = {
+      "schema_version": schema.SCHEMA_VERSION, "key": schema.make_key("test", f"{seed}/{index}"),
+      "source": "test", "item_id": f"{seed}/{index}", "image": buf.getvalue(),
+      "image_format": "PNG", "width": img_w, "height": image_size,
+      "caption": synthetic.caption(scene) if width is None else "A plain picture of shapes.",
+      "caption_provenance": {"backend": "oracle", "version": "1"},
+      "regions": regions, "proposals": None, "conversations": convs,
+      "extra": {"scene_index": index},
+  }
+  if proposals:
+    rng = np.random.default_rng(index)
+    boxes = []
+    for _ in range(8):
+      x1, y1 = rng.uniform(0, img_w / 2), rng.uniform(0, image_size / 2)
+      boxes.append([x1, y1, x1 + rng.uniform(4, img_w / 2), y1 + rng.uniform(4, image_size / 2)])
+    boxes += [r["box"] for r in regions]  # UPN finds the objects too: must be de-duplicated
+    rec["proposals"] = {"boxes": boxes, "scores": [0.5] * len(boxes), "provenance": "upn@test"}
+  schema.validate(rec)
+  return rec
+
+
+def parse_groups(answer: str) -> list[tuple[str, list[int]]]:
+  return [(m.group(1), [int(t) for t in re.findall(r"<obj(\d+)>", m.group(2))])
+          for m in GROUP_RE.finditer(answer)]
+
+
+def region_by_id(rec):
+  return {r["id"]: r for r in rec["regions"]}
+
+
+def check_indices(sample: tasks.TaskSample, rec: dict):
+  """Every <objK> of the answers is an input box equal to a region box of the right region."""
+  regions = region_by_id(rec)
+  answers = " ".join(a for _, a in sample.turns)
+  groups = parse_groups(answers)
+  assert len(groups) == len(sample.answer_regions)
+  for (_, idx), rids in zip(groups, sample.answer_regions):
+    assert idx == sorted(idx)
+    assert sorted(idx) == sorted(int(np.flatnonzero(sample.box_region == r)[0]) for r in rids)
+    for k, r in zip(idx, rids):
+      np.testing.assert_array_equal(sample.boxes[k], np.asarray(regions[r]["box"]))
+  return groups
+
+
+@pytest.mark.parametrize("task", tasks.TASK_NAMES)
+def test_each_task_grammar_and_indices(task):
+  for i in range(6):
+    rec = scene_record(i, proposals=i % 2 == 1)
+    rng = np.random.default_rng(i)
+    s = tasks.sample_task(rec, rng, None, max_objects=20, task=task)
+    assert s.task == task
+    assert s.boxes.shape == (len(s.box_region), 4) and len(s.boxes) <= 20
+    # all ground-truth regions are given, each exactly once
+    assert sorted(s.box_region[s.box_region >= 0].tolist()) == [r["id"] for r in rec["regions"]]
+    user0 = s.turns[0][0]
+    assert user0.startswith("<image>\n" + prompts.object_string(len(s.boxes)) + "\n")
+    groups = check_indices(s, rec)
+    regions = region_by_id(rec)
+    if task == "grounding":
+      q = user0.split("\n", 2)[2]
+      assert any(q == t.replace("[OBJ]", "; ".join(g for g, _ in groups)) for t in prompts.GROUNDING)
+      field = {"category": "category", "phrase": "phrase", "referring": "referring"}[s.kind]
+      for (name, idx), rids in zip(groups, s.answer_regions):
+        # every region with that name and nothing else
+        assert sorted(rids) == sorted(r["id"] for r in rec["regions"] if r[field] == name)
+      assert s.turns[0][1] == "\n".join(tasks.grounded(g, i) for g, i in groups)
+    elif task == "region":
+      (text, idx), = groups
+      field = tasks.REGION_GRANULARITIES[s.kind][1]
+      assert text == regions[s.answer_regions[0][0]][field]
+      q = user0.split("\n", 2)[2]
+      variants = prompts.templates("region_caption", tasks.REGION_GRANULARITIES[s.kind][0])
+      assert any(q == t.replace("[OBJ]", f"<obj{idx[0]}>") for t in variants)
+      assert s.turns[0][1] == f"<ground>{text}</ground><objects><obj{idx[0]}></objects>"
+    elif task == "grounded_caption":
+      stripped = re.sub(r"</?ground>|<objects>(<obj\d+>)*</objects>", "", s.turns[0][1])
+      assert stripped == rec["caption"]
+      assert groups and all(regions[r]["phrase"].lower() == g.lower()
+                            for (g, _), rids in zip(groups, s.answer_regions) for r in rids)
+    else:
+      assert len(s.turns) == 2
+      assert all(u.split("\n")[-1].startswith(prompts.GROUNDED_CONVERSATION_PREFIX) for u, _ in s.turns)
+      assert "<image>" not in s.turns[1][0]
+      assert [g for g, _ in groups] == [regions[r[0]]["phrase"] for r in s.answer_regions]
+
+
+def test_deterministic_and_variants():
+  rec = scene_record(3)
+  a = tasks.sample_task(rec, np.random.default_rng(7), None, max_objects=30)
+  b = tasks.sample_task(rec, np.random.default_rng(7), None, max_objects=30)
+  assert a.turns == b.turns and np.array_equal(a.boxes, b.boxes)
+  # over many draws: several paraphrases, every task, shuffled box order
+  seen_q, seen_t, orders = set(), set(), set()
+  for seed in range(150):
+    s = tasks.sample_task(rec, np.random.default_rng(seed), None, max_objects=30)
+    seen_q.add(s.turns[0][0].split("\n", 2)[2])
+    seen_t.add(s.task)
+    orders.add(tuple(s.box_region[s.box_region >= 0].tolist()))
+  assert seen_t == set(tasks.TASK_NAMES)
+  assert len(seen_q) > 40 and len(orders) > 20
+  first = tasks.sample_task(rec, np.random.default_rng(0), {"prompt_variants": "first",
+                                                            "weights": {"grounding": 1.0}})
+  q = first.turns[0][0].split("\n", 2)[2]
+  assert q.startswith("Please detect ")
+  assert q.endswith(" in this image. Answer the question with object indexes.")
+
+
+def test_negatives_and_proposals():
+  rec = scene_record(2)
+  gt = np.asarray([r["box"] for r in rec["regions"]])
+  cfg = {"min_extra": 10, "max_extra": 10, "dedup_iou": 0.6}
+  boxes, region = tasks.build_input_boxes(rec, np.random.default_rng(0), [], 40, cfg)
+  neg = boxes[region < 0]
+  assert len(neg) == 10
+  assert tasks.pairwise_iou_np(neg, gt).max() < 0.6
+  assert np.all(neg[:, :2] >= 0) and np.all(neg[:, 2] <= rec["width"]) and np.all(neg[:, 3] <= rec["height"])
+  # stored proposals are used (and duplicates of GT boxes removed); no synthetic ones then
+  recp = scene_record(2, proposals=True)
+  boxes, region = tasks.build_input_boxes(recp, np.random.default_rng(0), [], 40,
+                                          {"min_extra": 20, "max_extra": 20})
+  props = np.asarray(recp["proposals"]["boxes"])
+  neg = boxes[region < 0]
+  assert len(neg) <= 8 and all(any(np.array_equal(n, p) for p in props) for n in neg)
+  assert tasks.pairwise_iou_np(neg, gt).max() < 0.7
+  # capacity: never more than max_objects; required regions always kept
+  n_regions = len(rec["regions"])
+  boxes, region = tasks.build_input_boxes(rec, np.random.default_rng(1), [n_regions - 1], 2, cfg)
+  assert len(boxes) == 2 and n_regions - 1 in region.tolist()
+
+
+def test_max_objects_cap_keeps_answer_complete():
+  rec = scene_record(5)
+  for seed in range(20):
+    s = tasks.sample_task(rec, np.random.default_rng(seed), None, max_objects=3, task="grounding")
+    assert len(s.boxes) <= 3
+    check_indices(s, rec)
+
+
+def test_errors_name_field():
+  rec = scene_record(1)
+  bad = dict(rec, conversations=[{"role": "assistant", "text": "x", "groundings": []},
+                                 {"role": "user", "text": "y", "groundings": []}])
+  with pytest.raises(tasks.FieldError, match=r"conversations\[0\]"):
+    tasks.sample_task(bad, np.random.default_rng(0), None, task="conversation")
+  bad = dict(rec, regions=[dict(rec["regions"][0], phrase="a <objfeat> b")] + rec["regions"][1:])
+  with pytest.raises(tasks.FieldError, match=r"regions\[0\]\.phrase.*placeholder"):
+    tasks.sample_task(bad, np.random.default_rng(0), {"weights": {"grounding": 1.0},
+                                                       "grounding_kinds": {"phrase": 1.0}})
+  with pytest.raises(ValueError, match="max_objects"):
+    tasks.sample_task(rec, np.random.default_rng(0), None, max_objects=101)
+
+
+def test_no_regions_falls_back_to_plain_caption():
+  rec = dict(scene_record(1), regions=[], conversations=[])
+  s = tasks.sample_task(rec, np.random.default_rng(0), None)
+  assert (s.task, s.kind) == ("grounded_caption", "plain") and s.turns[0][1] == rec["caption"]
