@@ -50,3 +50,22 @@ def test_batched_run_equals_single_runs(checkpoint):
   for i in range(2):
     single = pipe.run_batch(images[i:i + 1], questions[i:i + 1], boxes[i:i + 1], max_new_tokens=8)[0]
     assert single.answer == batched[i].answer
+
+
+def test_predict_cli_writes_answer_json_and_png(checkpoint, tmp_path, capsys):
+  import json
+  from chatrex_jax import cli
+  img = tmp_path / "in.png"
+  _image(3, 90, 60).save(img)
+  boxes = tmp_path / "boxes.json"
+  boxes.write_text(json.dumps({"boxes": [[5, 5, 40, 30], [20, 10, 80, 50]]}))
+  out_png, out_json = tmp_path / "pred.png", tmp_path / "pred.json"
+  rc = cli.main(["predict", "--checkpoint", str(checkpoint), "--image", str(img), "--task", "detect",
+                 "--query", "red circle; blue square", "--boxes", str(boxes), "--max-new-tokens", "6",
+                 "--out", str(out_png), "--json", str(out_json)])
+  assert rc == 0
+  result = json.loads(out_json.read_text())
+  assert result["question"].startswith("Please detect red circle; blue square in this image.")
+  assert result["boxes"] == [[5, 5, 40, 30], [20, 10, 80, 50]]
+  assert {"phrases", "dropped", "rejected"} <= set(result["parsed"])
+  assert Image.open(out_png).size == (90, 60)

@@ -1,0 +1,215 @@
+"""UPN checkpoint conversion: official `upn_large.pth` layout (spec A.11) <-> Flax params.
+
+* The shared box MLP appears in the torch state dict under 2 * dec_layers names
+  (`bbox_embed.{i}` and `transformer.decoder.bbox_embed.{i}`): one Flax copy, the others are
+  `Rule.aliases` (checked equal on read, all written back).
+* `relative_position_index` buffers are checked against the index this project rebuilds and
+  not stored in the params; `to_torch` writes them back (int64) so round trips are identical.
+* The official load is `strict=False`: keys no rule uses (training extras) are returned in a
+  `LoadReport`, not an error; a missing parameter is an error.
+* `.pth` files are read only through `torch.load(path, weights_only=True, map_location="cpu")`
+  (never a full unpickle); `.safetensors` through this project's reader.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import pathlib
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from chatrex_jax.convert import mapping
+from chatrex_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, ConversionError, Rule
+from chatrex_jax.models.upn.swin import relative_position_index
+from chatrex_jax.models.upn.upn import UPNConfig
+
+BACKBONE = "backbone.model.backbone."
+BUFFER_PATTERN = "*.attn.relative_position_index"
+
+
+def _linear(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
+  out = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", LINEAR)]
+  if bias:
+    out.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
+  return out
+
+
+def _norm(torch_prefix: str, flax_prefix: str) -> list[Rule]:
+  return [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/scale"),
+          Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias")]
+
+
+def _conv(torch_prefix: str, flax_prefix: str) -> list[Rule]:
+  return [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", CONV2D),
+          Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias")]
+
+
+def _mlp(torch_prefix: str, flax_prefix: str, num_layers: int) -> list[Rule]:
+  return [r for k in range(num_layers)
+          for r in _linear(f"{torch_prefix}.layers.{k}", f"{flax_prefix}/layers_{k}")]
+
+
+def msdeform_attn_rules(torch_prefix: str = "", flax_prefix: str = "") -> list[Rule]:
+  """Rules of one MSDeformAttn (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`)."""
+  tp = f"{torch_prefix}." if torch_prefix else ""
+  fp = f"{flax_prefix}/" if flax_prefix else ""
+  return [r for n in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
+          for r in _linear(f"{tp}{n}", f"{fp}{n}")]
+
+
+def swin_rules(config, torch_prefix: str = BACKBONE, flax_prefix: str = "backbone") -> list[Rule]:
+  """Rules of the Swin backbone (buffers excluded); config: SwinConfig."""
+  t, f = torch_prefix, flax_prefix
+  rules = _conv(f"{t}patch_embed.proj", f"{f}/patch_embed/proj") + _norm(
+      f"{t}patch_embed.norm", f"{f}/patch_embed/norm")
+  for i, depth in enumerate(config.depths):
+    for j in range(depth):
+      tb, fb = f"{t}layers.{i}.blocks.{j}", f"{f}/layers_{i}_blocks_{j}"
+      rules += _norm(f"{tb}.norm1", f"{fb}/norm1") + _norm(f"{tb}.norm2", f"{fb}/norm2")
+      rules.append(Rule(f"{tb}.attn.relative_position_bias_table",
+                        f"{fb}/attn/relative_position_bias_table"))
+      rules += _linear(f"{tb}.attn.qkv", f"{fb}/attn/qkv", config.qkv_bias)
+      rules += _linear(f"{tb}.attn.proj", f"{fb}/attn/proj")
+      rules += _linear(f"{tb}.mlp.fc1", f"{fb}/mlp/fc1") + _linear(f"{tb}.mlp.fc2", f"{fb}/mlp/fc2")
+    if i < len(config.depths) - 1:
+      rules += _norm(f"{t}layers.{i}.downsample.norm", f"{f}/layers_{i}_downsample/norm")
+      rules += _linear(f"{t}layers.{i}.downsample.reduction", f"{f}/layers_{i}_downsample/reduction",
+                       bias=False)
+  for i in config.out_indices:
+    rules += _norm(f"{t}norm{i}", f"{f}/norm{i}")
+  return rules
+
+
+def swin_buffers(config, torch_prefix: str = BACKBONE) -> dict[str, np.ndarray]:
+  """The `relative_position_index` buffers the official Swin saves in its state dict."""
+  index = relative_position_index(config.window_size)
+  return {f"{torch_prefix}layers.{i}.blocks.{j}.attn.relative_position_index": index
+          for i, depth in enumerate(config.depths) for j in range(depth)}
+
+
+def rules(config: UPNConfig) -> list[Rule]:
+  """The full torch <-> Flax key map of UPN."""
+  out = swin_rules(config.swin)
+  for lvl in range(config.num_feature_levels):
+    out += _conv(f"input_proj.{lvl}.0", f"input_proj_{lvl}/conv")
+    out += _norm(f"input_proj.{lvl}.1", f"input_proj_{lvl}/norm")
+  t = "transformer."
+  out += [Rule(f"{t}level_embed", "level_embed"), Rule(f"{t}tgt_embed.weight", "tgt_embed"),
+          Rule(f"{t}fine_grained_prompt.weight", "fine_grained_prompt"),
+          Rule(f"{t}coarse_grained_prompt.weight", "coarse_grained_prompt")]
+  out += _linear(f"{t}enc_output", "enc_output") + _norm(f"{t}enc_output_norm", "enc_output_norm")
+  out += _mlp(f"{t}enc_out_bbox_embed", "enc_out_bbox_embed", 3)
+  for i in range(config.enc_layers):
+    tl, fl = f"{t}encoder.layers.{i}", f"encoder/layers_{i}"
+    out += msdeform_attn_rules(f"{tl}.self_attn", f"{fl}/self_attn")
+    out += _norm(f"{tl}.norm1", f"{fl}/norm1") + _norm(f"{tl}.norm2", f"{fl}/norm2")
+    out += _linear(f"{tl}.linear1", f"{fl}/linear1") + _linear(f"{tl}.linear2", f"{fl}/linear2")
+  for i in range(config.dec_layers):
+    tl, fl = f"{t}decoder.layers.{i}", f"decoder/layers_{i}"
+    out += msdeform_attn_rules(f"{tl}.cross_attn", f"{fl}/cross_attn")
+    out += [Rule(f"{tl}.self_attn.in_proj_weight", f"{fl}/self_attn/in_proj_kernel", LINEAR),
+            Rule(f"{tl}.self_attn.in_proj_bias", f"{fl}/self_attn/in_proj_bias")]
+    out += _linear(f"{tl}.self_attn.out_proj", f"{fl}/self_attn/out_proj")
+    for n in ("norm1", "norm2", "norm3"):
+      out += _norm(f"{tl}.{n}", f"{fl}/{n}")
+    out += _linear(f"{tl}.linear1", f"{fl}/linear1") + _linear(f"{tl}.linear2", f"{fl}/linear2")
+  out += _norm(f"{t}decoder.norm", "decoder/norm")
+  out += _mlp(f"{t}decoder.ref_point_head", "decoder/ref_point_head", 2)
+  out += _mlp(f"{t}decoder.ref_point_head_point", "decoder/ref_point_head_point", 2)
+  # The shared box MLP: one tensor under 2 * dec_layers names.
+  for k in range(3):
+    for p, layout in (("weight", LINEAR), ("bias", IDENTITY)):
+      names = [f"bbox_embed.{i}.layers.{k}.{p}" for i in range(config.dec_layers)]
+      names += [f"{t}decoder.bbox_embed.{i}.layers.{k}.{p}" for i in range(config.dec_layers)]
+      out.append(Rule(names[0], f"bbox_embed/layers_{k}/{'kernel' if p == 'weight' else 'bias'}",
+                      layout, aliases=tuple(names[1:])))
+  return out
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a non-strict load skipped: unused checkpoint keys and absent aliases of shared tensors."""
+  unexpected: list[str]
+  missing_aliases: list[str]
+
+  def __str__(self):
+    return (f"{len(self.unexpected)} unused checkpoint keys"
+            + (f" (e.g. {self.unexpected[:5]})" if self.unexpected else "")
+            + f", {len(self.missing_aliases)} absent aliases of shared tensors")
+
+
+def abstract_params(config: UPNConfig):
+  """Parameter shapes of the Flax model (traced, nothing computed)."""
+  import jax
+  import jax.numpy as jnp
+  from chatrex_jax.models.upn.upn import UPN
+  side = 32 * max(8, int(np.ceil(np.sqrt(config.num_queries))))  # enough tokens for top-k
+  shapes = jax.eval_shape(lambda: UPN(config).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, side, side, 3), jnp.float32), None, "fine"))
+  return shapes["params"]
+
+
+def check_buffers(state: Mapping[str, np.ndarray], config: UPNConfig) -> None:
+  """Every saved relative_position_index must equal the rebuilt one (else wrong window size)."""
+  bad = []
+  for key, want in swin_buffers(config.swin).items():
+    if key in state:
+      got = np.asarray(state[key])
+      if got.shape != want.shape or not np.array_equal(got, want):
+        bad.append(f"{key}: saved buffer {got.shape} differs from the index for window "
+                   f"{config.swin.window_size}")
+  if bad:
+    raise ConversionError("UPN relative_position_index", other=bad)
+
+
+def to_flax(state: Mapping[str, np.ndarray], config: UPNConfig, *, strict: bool = False,
+            check_shapes: bool = True, dtype=None) -> tuple[dict, LoadReport]:
+  """torch-named UPN state dict -> (Flax params, LoadReport).
+
+  strict=False mirrors the official `load_state_dict(strict=False)`: unused keys are reported
+  in the LoadReport; missing or mis-shaped parameters always raise ConversionError.
+  """
+  check_buffers(state, config)
+  rs = rules(config)
+  expected = abstract_params(config) if check_shapes else None
+  params = mapping.to_flax(state, rs, what="UPN", expected=expected, ignore=(BUFFER_PATTERN,),
+                           strict=strict, dtype=dtype)
+  used = {k for r in rs for k in r.torch_keys}
+  unexpected = sorted(k for k in state if k not in used and not fnmatch.fnmatchcase(k, BUFFER_PATTERN))
+  missing_aliases = sorted(a for r in rs for a in r.aliases if a not in state)
+  return params, LoadReport(unexpected, missing_aliases)
+
+
+def to_torch(params: Mapping, config: UPNConfig, *, with_buffers: bool = True) -> dict[str, np.ndarray]:
+  """Flax params -> torch-named state dict (every alias and, by default, the Swin buffers)."""
+  out = dict(mapping.to_torch(params, rules(config), what="UPN"))
+  if with_buffers:
+    out.update(swin_buffers(config.swin))
+  return out
+
+
+def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
+  """Reads an official checkpoint: `.pth`/`.pt` (ckpt["model"], weights_only) or safetensors."""
+  path = pathlib.Path(path)
+  if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    import torch
+    ckpt = torch.load(str(path), weights_only=True, map_location="cpu")
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+      raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(ckpt).__name__}")
+    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+            for k, v in state.items() if hasattr(v, "numpy")}
+  from chatrex_jax.convert import safetensors_io
+  return dict(safetensors_io.Checkpoint(path).items())
+
+
+def load_params(path, config: UPNConfig | None = None, *, dtype=None) -> tuple[dict, LoadReport]:
+  """Official checkpoint file -> (Flax params, LoadReport). config defaults to UPN-Large."""
+  return to_flax(load_state_dict(path), config or UPNConfig(), dtype=dtype)
+
+
+def unused(keys: Iterable[str], config: UPNConfig) -> list[str]:
+  """Keys of a state dict that no rule (and no buffer) accounts for."""
+  used = {k for r in rules(config) for k in r.torch_keys}
+  return [k for k in keys if k not in used and not fnmatch.fnmatchcase(k, BUFFER_PATTERN)]

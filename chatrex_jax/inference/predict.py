@@ -1,0 +1,113 @@
+"""`chatrex-jax predict`: image + task [+ boxes | UPN proposals] -> answer, parsed JSON, PNG.
+
+  chatrex-jax predict --checkpoint DIR --image photo.jpg --task detect --query "person; pigeon" \
+      --upn upn_large.pth --prompt-type fine --out pred.png
+  chatrex-jax predict --checkpoint DIR --image photo.jpg --task region_caption --query 0 \
+      --granularity brief --boxes boxes.json
+  chatrex-jax predict --upn upn_large.pth --image photo.jpg --prompt-type coarse --out props.png
+
+Boxes files are JSON: a list of [x1, y1, x2, y2] in original-image pixels, or
+{"boxes": [...]}. Without --checkpoint only the UPN proposals are computed and drawn.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+TASKS = ("detect", "refer", "count", "region_caption", "grounded_caption", "chat")
+
+
+def read_boxes(path) -> np.ndarray:
+  data = json.loads(pathlib.Path(path).read_text())
+  if isinstance(data, dict):
+    if "boxes" not in data:
+      raise ValueError(f"{path}: a JSON object needs a 'boxes' field")
+    data = data["boxes"]
+  boxes = np.asarray(data, np.float64).reshape(-1, 4) if len(data) else np.zeros((0, 4))
+  if not np.isfinite(boxes).all():
+    raise ValueError(f"{path}: non-finite box coordinates")
+  return boxes
+
+
+def upn_proposals(upn_path, image, prompt_type: str, min_score: float, nms: float, config: str = "large"):
+  from chatrex_jax.inference.upn import UPNPredictor
+  from chatrex_jax.inference.upn_predict import load_config
+  predictor = UPNPredictor.from_checkpoint(upn_path, load_config(config))
+  result = predictor([image], prompt_type=prompt_type)
+  props = predictor.filter(result, min_score=min_score, nms_iou=nms if nms > 0 else None)[0]
+  return np.asarray(props.boxes, np.float64).reshape(-1, 4), np.asarray(props.scores, np.float64)
+
+
+def _objects(task: str, query):
+  if query is None:
+    return None
+  if task == "region_caption":
+    return [int(q) for q in str(query).replace(";", " ").split()]
+  return query
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="chatrex-jax predict", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--checkpoint", help="ChatRex/RexSeek checkpoint folder (config.json, safetensors, tokenizer)")
+  p.add_argument("--image", required=True)
+  p.add_argument("--task", choices=TASKS, default="detect")
+  p.add_argument("--query", help="categories / expressions ('person; pigeon') or box indices ('0 3')")
+  p.add_argument("--granularity", help="region_caption: category|short_phrase|brief|one_sentence; "
+                                       "grounded_caption: brief|detailed")
+  p.add_argument("--text", help="the question for --task chat")
+  group = p.add_mutually_exclusive_group()
+  group.add_argument("--boxes", help="JSON file of input boxes (xyxy, original pixels)")
+  group.add_argument("--upn", help="UPN checkpoint (.pth or .safetensors) to propose the boxes")
+  p.add_argument("--prompt-type", choices=("fine", "coarse"), default="fine")
+  p.add_argument("--upn-config", default="large", help="UPN model: large | tiny | FILE[:ARG]")
+  p.add_argument("--min-score", type=float, default=0.3)
+  p.add_argument("--nms", type=float, default=0.8, help="NMS IoU threshold; <= 0 disables")
+  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--out", default="prediction.png", help="PNG with the boxes drawn")
+  p.add_argument("--json", help="also write the parsed result here")
+  args = p.parse_args(argv)
+  if not args.checkpoint:  # proposals only
+    if not args.upn:
+      p.error("give --checkpoint (ChatRex) and/or --upn (proposals only)")
+    from chatrex_jax.inference import upn_predict
+    return upn_predict.main(["--upn", args.upn, "--image", args.image, "--prompt-type", args.prompt_type,
+                             "--min-score", str(args.min_score), "--nms", str(args.nms),
+                             "--out", args.out, "--config", args.upn_config])
+
+  from chatrex_jax.inference import visualize
+  from chatrex_jax.inference.processor import load_image
+  from PIL import Image
+  image = Image.fromarray(load_image(args.image).rgb)
+  if args.upn:
+    boxes, _ = upn_proposals(args.upn, image, args.prompt_type, args.min_score, args.nms, args.upn_config)
+  elif args.boxes:
+    boxes = read_boxes(args.boxes)
+  else:
+    boxes = np.zeros((0, 4))
+
+  from chatrex_jax.inference.pipeline import ChatRexPipeline
+  pipe = ChatRexPipeline.from_checkpoint(args.checkpoint)
+  pred = pipe.run(image, args.task, boxes=boxes, objects=_objects(args.task, args.query),
+                  granularity=args.granularity, text=args.text, max_new_tokens=args.max_new_tokens)
+  result = pred.to_dict()
+  print(pred.answer)
+  print(json.dumps(result["parsed"]))
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+  boxes_drawn, labels = [], []
+  for phrase in pred.parsed.phrases:
+    for box in np.asarray(phrase.boxes).reshape(-1, 4):
+      boxes_drawn.append(box)
+      labels.append(phrase.phrase)
+  visualize.draw_boxes(image, np.asarray(boxes_drawn).reshape(-1, 4), labels=labels).save(args.out)
+  print(f"wrote {args.out}", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,64 @@
+"""`predict-upn`: UPN proposals for one image, printed as JSON and drawn into a PNG.
+
+  python -m chatrex_jax.inference.upn_predict --upn upn_large.pth --image photo.jpg \\
+      --prompt-type fine --min-score 0.3 --nms 0.8 --out proposals.png
+
+`--config` picks the model (`large` = configs/upn_large.py, the released checkpoint; `tiny`;
+or a path `FILE[:ARG]` to an ml_collections config with a `model` section).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import sys
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
+
+
+def load_config(spec: str):
+  """'large' | 'tiny' | FILE[:ARG] -> UPNConfig."""
+  from chatrex_jax.models.upn.upn import UPNConfig
+  path, _, arg = spec.partition(":")
+  if path in ("large", "tiny"):
+    path = str(CONFIGS / f"upn_{path}.py")
+  if not pathlib.Path(path).exists():
+    raise FileNotFoundError(f"config {path} not found (use 'large', 'tiny' or FILE[:ARG])")
+  sp = importlib.util.spec_from_file_location("upn_config", path)
+  mod = importlib.util.module_from_spec(sp)
+  sp.loader.exec_module(mod)
+  return UPNConfig.from_config_dict(mod.get_config(arg or None).model)
+
+
+def main(argv: list[str] | None = None) -> int:
+  ap = argparse.ArgumentParser(prog="predict-upn", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--upn", required=True, help="UPN checkpoint (.pth with ckpt['model'], or .safetensors)")
+  ap.add_argument("--image", required=True, help="input image")
+  ap.add_argument("--prompt-type", default="fine", choices=["fine", "coarse"])
+  ap.add_argument("--min-score", type=float, default=0.3)
+  ap.add_argument("--nms", type=float, default=0.8, help="NMS IoU threshold; <= 0 disables NMS")
+  ap.add_argument("--out", default=None, help="PNG with the proposals drawn")
+  ap.add_argument("--config", default="large", help="large | tiny | FILE[:ARG]")
+  ap.add_argument("--short-side", type=int, default=800, help="resize short side (official: 800)")
+  ap.add_argument("--max-size", type=int, default=1333, help="resize long-side cap (official: 1333)")
+  args = ap.parse_args(argv)
+
+  from chatrex_jax.inference.upn import UPNPredictor, load_image
+  from chatrex_jax.inference.visualize import draw_boxes
+  config = load_config(args.config)
+  upn = UPNPredictor.from_checkpoint(args.upn, config, size=args.short_side, max_size=args.max_size)
+  image = load_image(args.image)
+  result = upn([image], args.prompt_type)
+  kept = upn.filter(result, args.min_score, args.nms if args.nms > 0 else None)[0]
+  print(json.dumps({"image": str(args.image), "prompt_type": args.prompt_type,
+                    "boxes": kept.boxes.tolist(), "scores": [float(s) for s in kept.scores]}))
+  if args.out:
+    draw_boxes(image, kept.boxes, scores=kept.scores).save(args.out)
+    print(f"wrote {args.out} ({len(kept.boxes)} boxes)", file=sys.stderr)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,79 @@
+"""Multi-scale deformable attention vs the PyTorch grid_sample formulation (Deformable DETR's
+`ms_deform_attn_core_pytorch`, written here with F.grid_sample), forward and gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
+
+SHAPES = ((6, 7), (3, 4), (2, 2))
+
+
+def torch_core(value, shapes, loc, attn):
+  """ms_deform_attn_core_pytorch: value [B,S,N,C], loc [B,Q,N,L,P,2], attn [B,Q,N,L,P]."""
+  b, _, n, c = value.shape
+  _, q, _, nl, p, _ = loc.shape
+  values = value.split([h * w for h, w in shapes], dim=1)
+  grids = 2 * loc - 1
+  samples = []
+  for lvl, (h, w) in enumerate(shapes):
+    v = values[lvl].flatten(2).transpose(1, 2).reshape(b * n, c, h, w)
+    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+    samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+  a = attn.transpose(1, 2).reshape(b * n, 1, q, nl * p)
+  out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(b, n * c, q)
+  return out.transpose(1, 2).contiguous()
+
+
+def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
+  rng = np.random.default_rng(seed)
+  s = sum(h * w for h, w in SHAPES)
+  value = rng.standard_normal((b, s, n, c)).astype(np.float32)
+  loc = rng.uniform(-0.3, 1.3, (b, q, n, len(SHAPES), p, 2)).astype(np.float32)
+  if exact_integers:  # some samples exactly on pixel centres and on the borders
+    for lvl, (h, w) in enumerate(SHAPES):
+      loc[:, :2, :, lvl, :, 0] = (rng.integers(-1, w + 1, (b, 2, n, p)) + 0.5) / w
+      loc[:, :2, :, lvl, :, 1] = (rng.integers(-1, h + 1, (b, 2, n, p)) + 0.5) / h
+  logits = rng.standard_normal((b, q, n, len(SHAPES) * p)).astype(np.float32)
+  attn = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+  return value, loc, attn.reshape(b, q, n, len(SHAPES), p)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forward_matches_grid_sample(seed, highest_precision):
+  value, loc, attn = make_inputs(seed)
+  want = torch_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc), torch.from_numpy(attn)).numpy()
+  got = np.asarray(jax.jit(ms_deform_attn, static_argnums=1)(value, SHAPES, loc, attn))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_gradients_match_grid_sample(highest_precision):
+  value, loc, attn = make_inputs(3, exact_integers=True)
+  cot = np.random.default_rng(4).standard_normal((2, 9, 8)).astype(np.float32)
+  tv, tl, ta = (torch.from_numpy(x).requires_grad_(True) for x in (value, loc, attn))
+  (torch_core(tv, SHAPES, tl, ta) * torch.from_numpy(cot)).sum().backward()
+  grads = jax.grad(lambda v, l, a: jnp.sum(ms_deform_attn(v, SHAPES, l, a) * cot), argnums=(0, 1, 2))(
+      value, loc, attn)
+  for name, g, t in zip(("value", "locations", "weights"), grads, (tv, tl, ta)):
+    want = t.grad.numpy()
+    err = np.abs(np.asarray(g) - want).max() / max(np.abs(want).max(), 1.0)
+    assert err <= 1e-5, f"d/d{name}: {err}"
+
+
+def test_far_outside_samples_are_zero_and_finite():
+  value, loc, attn = make_inputs(5)
+  loc[...] = 1e9
+  out = ms_deform_attn(value, SHAPES, loc, attn)
+  assert np.all(np.asarray(out) == 0)
+
+
+def test_bad_shapes_raise_clear_errors():
+  value, loc, attn = make_inputs(6)
+  with pytest.raises(ValueError, match="spatial shapes"):
+    ms_deform_attn(value, SHAPES[:2] + ((3, 3),), loc, attn)
+  with pytest.raises(ValueError, match="attention_weights"):
+    ms_deform_attn(value, SHAPES, loc, attn[..., :1])
