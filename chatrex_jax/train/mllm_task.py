@@ -125,6 +125,18 @@ class ChatRexTask:
     ids = np.asarray(local_batch["token_ids"], np.int64)
     return float(np.sum(ids * np.arange(1, ids.size + 1).reshape(ids.shape)) % 1_000_003)
 
+  def model_flops(self, local_batch) -> float:
+    """6 x (LLM parameters without embeddings) x tokens + attention (PaLM's MFU count);
+    the vision towers are left out, so MFU is slightly conservative."""
+    llm = self.model_config.llm
+    d, f, layers = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
+    kv = llm.num_key_value_heads * llm.dim_per_head
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
+    dense = layers * per_layer + d * llm.vocab_size  # + the LM head
+    tokens = float(np.sum(local_batch["attention_mask"]))
+    seq = local_batch["attention_mask"].shape[1]
+    return 6.0 * dense * tokens + 12.0 * layers * d * seq * tokens
+
   def tokens_in(self, local_batch) -> float:
     return float(np.sum(local_batch["attention_mask"]))
 

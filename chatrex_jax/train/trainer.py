@@ -9,6 +9,9 @@ A model family plugs in through a `TrainTask` (see `chatrex_jax/train/mllm_task.
   make_data(process_index, process_count) -> iterator of per-host numpy batches with
                          get_state() / set_state()
   group_lrs()            optional {pattern: peak lr} (UPN's backbone)
+  tokens_in(local_batch) tokens of a per-host batch (tokens/s)
+  model_flops(local_batch) optional analytic training FLOPs of a per-host batch (MFU); else
+                         XLA's cost analysis, which counts a scanned layer body only once
 
 Gradient accumulation splits the global batch into `grad_accum` micro-batches scanned in
 one step; the loss is sum(loss_sum) / sum(denominator) over the whole batch, so accumulation
@@ -133,11 +136,11 @@ class Trainer:
     mask = opt_lib.trainable_mask(nn.unbox(abstract), self.task.trainable_patterns(),
                                   self.task.frozen_patterns())
     tr_sh, fr_sh = opt_lib.partition(param_shardings, mask)
-    return param_shardings, mask, tr_sh, fr_sh
+    return abstract, param_shardings, mask, tr_sh, fr_sh
 
   def init_state(self) -> TrainState:
     cfg = self.config
-    param_shardings, mask, tr_sh, fr_sh = self._state_shardings()
+    abstract, param_shardings, mask, tr_sh, fr_sh = self._state_shardings()
     seed = cfg.train.get("seed", 0)
     pretrained = self.task.pretrained_params() if hasattr(self.task, "pretrained_params") else None
     if pretrained is not None:  # host arrays straight onto their shards
@@ -148,12 +151,18 @@ class Trainer:
     trainable, frozen = opt_lib.partition(params, mask)
     self.tx, self.schedule = opt_lib.make_optimizer(cfg.optim, group_lrs=self.task.group_lrs(),
                                                     params=trainable)
-    with jax.set_mesh(self.mesh):
-      opt_state = jax.jit(self.tx.init)(trainable)
+    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_state_shardings(abstract, mask))(trainable)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated)
     return TrainState(step=jax.device_put(jnp.int32(0), replicated), trainable=trainable,
                       frozen=frozen, opt_state=opt_state, rng=rng)
+
+  def opt_state_shardings(self, abstract, mask):
+    """Each optimizer leaf sharded like its parameter (the logical boxes survive the
+    optimizer's `zeros_like`); left to XLA, Adam's moments come out replicated."""
+    boxed_trainable, _ = opt_lib.partition(abstract, mask)
+    return nn.unbox(sharding_lib.logical_shardings(jax.eval_shape(self.tx.init, boxed_trainable),
+                                                   self.mesh, self.rules))
 
   # -- loop ----------------------------------------------------------------------------------
 
@@ -208,9 +217,11 @@ class Trainer:
             break
           local = next(data)
           batch = self._global_batch(local)
-          if flops is None:
+          if flops is None:  # XLA counts a scanned layer body once: prefer the task's count
             flops = metrics_lib.compiled_flops(jitted.lower(state, batch).compile()) or float("nan")
             peak = tcfg.get("peak_flops", None) or metrics_lib.peak_flops_per_device()
+          if hasattr(self.task, "model_flops"):
+            flops = float(self.task.model_flops(local)) * jax.process_count()
           t0 = time.perf_counter()
           state, m = jitted(state, batch)
           m = jax.device_get(m)
@@ -229,6 +240,8 @@ class Trainer:
                      tokens_per_s=float(self.task.tokens_in(local)) * jax.process_count() / dt)
           if flops == flops and peak:
             row["mfu"] = flops / dt / (peak * jax.device_count())
+          elif flops == flops:
+            row["tflops_per_s"] = flops / dt / 1e12
           history.append({"step": step, **row})
           if step % tcfg.get("log_every", 1) == 0 or step == total:
             writer.write(step, row)

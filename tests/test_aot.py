@@ -1,0 +1,188 @@
+"""Ahead-of-time compile check of the train step (chatrex_jax/tools/aot.py).
+
+Default run: topology parsing, the abstract train state (shardings, indivisible parameters,
+optimizer-state shardings), and one real compile of the tiny ChatRex train step on the 8 fake
+CPU devices of tests/conftest.py (data=2 x fsdp=2 x tensor=2), whose memory analysis must
+agree with the analytic per-device bytes. The trainer's optimizer state is checked to be sharded like the parameters
+(replicated optimizer state; it flips to a failure once fixed: then drop the marker).
+
+Slow (`pytest -m slow tests/test_aot.py`): the CLI's re-exec onto N fake CPU devices, and the
+7B stage-2 step for v5p-256 (needs libtpu importable: pip install "jax[tpu]").
+"""
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from chatrex_jax.tools import aot
+
+GIB = 2 ** 30
+
+
+def _cpu8():
+  return jax.devices("cpu")[:8]
+
+
+# --------------------------------------------------------------------------------- topologies
+
+@pytest.mark.parametrize("name, devices, topology, hbm_gib", [
+    ("v5p-256", 128, "v5p:4x4x8", 95),      # v5p-N counts TensorCores: 2 per chip
+    ("v5p-8", 4, "v5p:2x2x1", 95),
+    ("v5p-1024", 512, "v5p:8x8x8", 95),
+    ("v4-32", 16, "v4:2x2x4", 32),
+    ("v5litepod-16", 16, "v5e:4x4", 16),   # v5e / v6e count chips
+    ("v6e-256", 256, "v6e:16x16", 32),
+    ("v5p:4x4x8", 128, "v5p:4x4x8", 95),
+])
+def test_parse_tpu_topology(name, devices, topology, hbm_gib):
+  t = aot.parse_topology(name)
+  assert (t.platform, t.num_devices, t.topology, t.hbm_bytes) == ("tpu", devices, topology, hbm_gib * GIB)
+
+
+def test_parse_cpu_and_bad_topologies():
+  assert aot.parse_topology("cpu:8") == aot.Target("cpu:8", "cpu", 8, None, None)
+  for bad, msg in [("v5p-7", "must be even"), ("v5p-48", "no standard slice"), ("h100-8", "unknown topology")]:
+    with pytest.raises(ValueError, match=msg):
+      aot.parse_topology(bad)
+
+
+def test_mesh_sizes_resolve_like_make_mesh():
+  cfg = aot.quick_config()
+  cfg.mesh.fsdp = -1
+  assert aot._mesh_sizes(cfg, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
+  cfg.mesh.data, cfg.mesh.tensor = 1, 1
+  assert aot._mesh_sizes(cfg, 128) == {"data": 1, "fsdp": 128, "tensor": 1}
+  cfg.mesh.data = 3
+  with pytest.raises(ValueError, match="cannot be split"):
+    aot._mesh_sizes(cfg, 128)
+
+
+# ---------------------------------------------------------------------------- abstract state
+
+def _mesh(sizes=(2, 2, 2)):
+  from chatrex_jax.train import sharding as sharding_lib
+  return sharding_lib.make_mesh(*sizes, devices=_cpu8())
+
+
+def test_indivisible_dimensions_are_replicated_and_reported():
+  cfg = aot.quick_config()
+  cfg.model.convnext = {**dict(cfg.model.convnext), "dims": [12, 20, 32, 64]}  # 12, 20 % 8 != 0
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8, 1
+  _, _, state, info = aot.abstract_train_state(cfg, _mesh((1, 8, 1)), shard_opt_state=True)
+  dropped = {d["path"]: d for d in info["replicated_dims"]}
+  assert dropped["vision_tower_aux/stem_conv/kernel"]["rules_spec"] == [None, None, None, "fsdp"]
+  assert dropped["vision_tower_aux/stem_conv/kernel"]["spec"] == [None, None, None, None]
+  assert tuple(state.frozen["vision_tower_aux"]["stem_conv"]["kernel"].sharding.spec) == (None,) * 4
+  # Divisible parameters keep their FSDP sharding.
+  assert state.frozen["vision_tower_aux"]["stages_2"]["downsample_conv"]["kernel"].sharding.spec[3] == "fsdp"
+  # The golden's mesh-free arithmetic replicates exactly the same dimensions.
+  specs = aot.partition_specs(cfg, {"m": {"data": 1, "fsdp": 8, "tensor": 1}})
+  assert specs["meshes"]["m"]["indivisible"] == sorted(dropped)
+  assert specs["meshes"]["m"]["param_bytes_per_device"] == _bytes((state.trainable, state.frozen))
+
+
+def _bytes(tree):
+  return aot._tree_bytes_per_device(tree)[0]
+
+
+def test_shard_opt_state_gives_adam_moments_the_parameter_shardings():
+  _, _, state, info = aot.abstract_train_state(aot.quick_config(), _mesh(), shard_opt_state=True)
+  adam = state.opt_state[1][0]
+  kernel = state.trainable["llm"]["decoder"]["layers"]["layer"]["mlp"]["gate_proj"]["kernel"]
+  for moment in (adam.mu, adam.nu):
+    leaf = moment["llm"]["decoder"]["layers"]["layer"]["mlp"]["gate_proj"]["kernel"]
+    assert tuple(leaf.sharding.spec) == tuple(kernel.sharding.spec) == (None, "fsdp", "tensor")
+  # mu + nu = 2 x the trainable bytes per device, plus the step counters.
+  assert 0 <= _bytes(state.opt_state) - 2 * _bytes(state.trainable) <= 64
+  assert info["opt_state_shardings"].startswith("param-matched")
+
+
+def test_trainer_optimizer_state_is_sharded_like_the_parameters(tmp_path):
+  """The trainer's real optimizer state (Trainer.opt_state_shardings): mu/nu sharded, not replicated."""
+  import flax.linen as nn
+  from chatrex_jax.train import optimizer as opt_lib
+  from chatrex_jax.train.main import build_task
+  from chatrex_jax.train.trainer import Trainer
+  config = aot.quick_config()
+  trainer = Trainer(config, build_task(config), tmp_path)
+  abstract, _, mask, _, _ = trainer._state_shardings()
+  trainable, _ = opt_lib.partition(nn.unbox(abstract), mask)
+  trainer.tx, _ = opt_lib.make_optimizer(config.optim, params=trainable)
+  shardings = trainer.opt_state_shardings(abstract, mask)
+  _, _, state, _ = aot.abstract_train_state(config, trainer.mesh)
+  assert jax.tree.structure(shardings) == jax.tree.structure(state.opt_state)
+  for got, want in zip(jax.tree.leaves(shardings), jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.opt_state))):
+    assert got.spec == want.spec
+  assert _bytes(state.opt_state) - 2 * _bytes(state.trainable) <= 64
+
+
+# ------------------------------------------------------------------------------------ compile
+
+@pytest.fixture(scope="module")
+def quick_report():
+  config = aot.quick_config()
+  target = aot.parse_topology("cpu:8")
+  return aot.run(config, target, backend="cpu", shard_opt_state=True,
+                 compiler_options=aot.FAST_CPU_COMPILE)
+
+
+def test_quick_compile_report(quick_report):
+  r = quick_report
+  assert r["path"] == "cpu-fake-devices" and r["num_devices"] == 8
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert (r["global_batch"], r["seq_len"], r["llm_layers"], r["scan_layers"]) == (8, 32, 2, True)
+  mem, a = r["memory_analysis_per_device"], r["analytic_bytes_per_device"]
+  # The compiled program's arguments are exactly the state shards + the batch shard per device.
+  state = a["total"] + a["step_and_rng"]
+  assert mem["argument_size_in_bytes"] == state + a["batch"]
+  # Donation: the new state is written over the old one.
+  assert mem["alias_size_in_bytes"] == state
+  assert mem["temp_size_in_bytes"] > 0
+  assert r["peak_estimate_bytes_per_device"] >= mem["argument_size_in_bytes"]
+  assert r["optimizer_state_replicated_large"] == [] and r["replicated_by_divisibility"] == []
+  assert r["flops_per_step"] > 0
+  json.dumps(r)  # the report is JSON-able
+  text = aot.format_report(r)
+  assert "cpu-fake-devices" in text and "argument_size_in_bytes" in text
+
+
+def test_analytic_bytes_match_the_partition_arithmetic(quick_report):
+  """Per-device parameter bytes from the shardings == total / shard count, leaf by leaf."""
+  config = aot.quick_config()
+  specs = aot.partition_specs(config, {"quick": quick_report["mesh"]})
+  assert specs["meshes"]["quick"]["indivisible"] == []
+  a = quick_report["analytic_bytes_per_device"]
+  assert a["trainable_params"] + a["frozen_params"] == specs["meshes"]["quick"]["param_bytes_per_device"]
+
+
+# ------------------------------------------------------------------------------------- slow
+
+@pytest.mark.slow
+def test_cli_reexecs_onto_fake_cpu_devices(tmp_path):
+  """16 devices > the 8 of this process: main() re-executes itself with XLA_FLAGS set."""
+  out = tmp_path / "r.json"
+  rc = aot.main(["--quick", "--topology", "cpu:16", "--shard-opt-state",
+                 "--config.mesh.fsdp=4", "--report", str(out)])
+  assert rc == 0
+  r = json.loads(out.read_text())
+  assert r["num_devices"] == 16 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_7b_stage2_compiles_for_v5p_256(tmp_path):
+  """Minutes of compilation: the 7B stage-2 step against compile-only v5p-256 devices."""
+  out = tmp_path / "r.json"
+  cmd = [sys.executable, "-m", "chatrex_jax.tools.aot", "--config", "configs/chatrex_7b.py:stage2",
+         "--topology", "v5p-256", "--shard-opt-state", "--report", str(out)]
+  subprocess.run(cmd, check=False, cwd=aot.REPO_ROOT, env=dict(os.environ))
+  r = json.loads(out.read_text())
+  assert r["path"] == "tpu-topology" and r["num_devices"] == 128
+  assert r["fits"] is True, aot.format_report({**r, "path_note": ""})
+  # Parameters + AdamW state (fp32): ~8.16B x 12 bytes / 128 devices.
+  assert math.isclose(r["analytic_bytes_per_device"]["total"], 8.16e9 * 12 / 128, rel_tol=0.05)
