@@ -27,7 +27,6 @@ import timm
 import torch
 
 from chatrex_jax import testing
-from chatrex_jax.convert import clip as clip_convert
 from chatrex_jax.convert import convnext as cx_convert
 from chatrex_jax.convert import mapping
 from chatrex_jax.convert import projector as proj_convert
@@ -220,6 +219,23 @@ def test_remat_and_drop_path_rates(highest_precision):
     return sum(jnp.sum(m ** 2) for m in maps)
   l1, g1 = jax.value_and_grad(loss)(params, cfg)
   l2, g2 = jax.value_and_grad(loss)(params, dataclasses.replace(cfg, remat=True))
+  np.testing.assert_allclose(l1, l2, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_mlp_row_chunks_match_unchunked(highest_precision):
+  """The memory-bounded MLP (lax.map over row chunks) gives the unchunked numbers and grads."""
+  cfg = convnext.ConvNeXtConfig(**TINY, mlp_chunk_bytes=0)
+  chunked = dataclasses.replace(cfg, mlp_chunk_bytes=4 * 2 * 16 * 32 * 4)  # stage 0: 4 chunks
+  assert convnext._mlp_chunks((2, 16, 16, 8), 32, chunked.mlp_chunk_bytes) == 4
+  x = jax.random.normal(jax.random.key(0), (2, 64, 64, 3))
+  params = _random_params(convnext.ConvNeXt(cfg), x)
+
+  def loss(p, c):
+    return sum(jnp.sum(jnp.sin(m)) for m in convnext.ConvNeXt(c).apply({"params": p}, x))
+  (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(loss), static_argnums=1)(params, c)
+                        for c in (cfg, chunked))
   np.testing.assert_allclose(l1, l2, rtol=1e-6)
   for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

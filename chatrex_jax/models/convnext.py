@@ -49,6 +49,9 @@ class ConvNeXtConfig:
   # Depthwise conv: "shift" = 49 shifted multiply-adds (fast on CPU, fused by XLA),
   # "conv" = lax.conv_general_dilated(feature_group_count=C), "auto" = shift on CPU else conv.
   dwconv_impl: str = "auto"
+  # Upper bound (bytes) of one row chunk's [.., 4C] MLP activation; larger maps run the block
+  # MLP chunk by chunk (lax.map). 0 disables chunking.
+  mlp_chunk_bytes: int = 32 * 2**20
   dtype: Dtype = jnp.float32        # compute dtype (LayerNorm statistics always fp32)
   param_dtype: Dtype = jnp.float32
 
@@ -225,8 +228,44 @@ class DepthwiseConv(nn.Module):
     return y + bias.astype(cfg.dtype)
 
 
+class _Affine(nn.Module):
+  """Declares `kernel` [in, out] (or `scale` [C] for norms) and `bias`, returns them.
+
+  Lets the block run its MLP as plain functions (over row chunks under `lax.map`) while the
+  parameter tree stays `fc1/{kernel,bias}`, `norm/{scale,bias}` like nn.Dense / nn.LayerNorm.
+  """
+  shape: tuple[int, ...]
+  axes: tuple[str | None, ...]
+  cfg: ConvNeXtConfig
+  norm: bool = False
+
+  @nn.compact
+  def __call__(self):
+    init = nn.initializers.ones if self.norm else _trunc_normal()
+    w = self.param("scale" if self.norm else "kernel", nn.with_logical_partitioning(init, self.axes),
+                   self.shape, self.cfg.param_dtype)
+    b = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, self.axes[-1:]),
+                   self.shape[-1:], self.cfg.param_dtype)
+    return w, b
+
+
+def _mlp_chunks(shape: tuple[int, ...], hidden: int, budget_bytes: int) -> int:
+  """Smallest divisor n of the map height with B*(Y/n)*X*hidden*4 bytes <= budget (1 = off)."""
+  b, h, w, _ = shape
+  if budget_bytes <= 0:
+    return 1
+  for n in range(1, h + 1):
+    if h % n == 0 and b * (h // n) * w * hidden * 4 <= budget_bytes:
+      return n
+  return h
+
+
 class ConvNeXtBlock(nn.Module):
-  """dwconv -> LN -> fc1 -> GELU -> fc2 -> layer scale -> drop path -> + x: [B,Y,X,C] -> same."""
+  """dwconv -> LN -> fc1 -> GELU -> fc2 -> layer scale -> drop path -> + x: [B,Y,X,C] -> same.
+
+  On large maps the LN + MLP runs over row chunks (`cfg.mlp_chunk_bytes` bounds the [.., 4C]
+  hidden activation of one chunk): same numbers, a fraction of the memory.
+  """
   dim: int
   drop_path: float
   cfg: ConvNeXtConfig
@@ -234,29 +273,42 @@ class ConvNeXtBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
     cfg, c = self.cfg, self.dim
+    hidden = int(cfg.mlp_ratio * c)
     x = nn.with_logical_constraint(x, ("activation_batch", None, None, "activation_embed"))
     y = DepthwiseConv(cfg, name="conv_dw")(x)
-    y = _layer_norm(cfg, "norm")(y).astype(cfg.dtype)
-    hidden = int(cfg.mlp_ratio * c)
-    y = nn.Dense(hidden, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc1",
-                 kernel_init=nn.with_logical_partitioning(_trunc_normal(), ("embed", "mlp")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)))(y)
-    y = jax.nn.gelu(y, approximate=False)
-    y = nn.with_logical_constraint(y, ("activation_batch", None, None, "activation_mlp"))
-    y = nn.Dense(c, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="fc2",
-                 kernel_init=nn.with_logical_partitioning(_trunc_normal(), ("mlp", "embed")),
-                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))(y)
+    ln_s, ln_b = _Affine((c,), ("norm",), cfg, norm=True, name="norm")()
+    k1, b1 = _Affine((c, hidden), ("embed", "mlp"), cfg, name="fc1")()
+    k2, b2 = _Affine((hidden, c), ("mlp", "embed"), cfg, name="fc2")()
+    dt = cfg.dtype
+
+    def mlp(v):  # [..., C] -> [..., C]; LayerNorm statistics in fp32 (two-pass variance)
+      v32 = v.astype(jnp.float32)
+      mean = jnp.mean(v32, -1, keepdims=True)
+      var = jnp.mean(jnp.square(v32 - mean), -1, keepdims=True)
+      v = ((v32 - mean) * (jax.lax.rsqrt(var + cfg.norm_eps) * ln_s.astype(jnp.float32))
+           + ln_b.astype(jnp.float32)).astype(dt)
+      h = jax.nn.gelu(v @ k1.astype(dt) + b1.astype(dt), approximate=False)
+      h = nn.with_logical_constraint(h, ("activation_batch", None, None, "activation_mlp"))
+      return h @ k2.astype(dt) + b2.astype(dt)
+
+    n = _mlp_chunks(y.shape, hidden, cfg.mlp_chunk_bytes)
+    if n == 1:
+      y = mlp(y)
+    else:
+      b, h, w, _ = y.shape
+      chunks = jnp.moveaxis(y.reshape(b, n, h // n, w, c), 1, 0)
+      y = jnp.moveaxis(jax.lax.map(mlp, chunks), 0, 1).reshape(b, h, w, c)
     if cfg.ls_init_value is not None:
       gamma = self.param("layer_scale",
                          nn.with_logical_partitioning(nn.initializers.constant(cfg.ls_init_value),
                                                       ("norm",)),
                          (c,), cfg.param_dtype)
-      y = y * gamma.astype(cfg.dtype)
+      y = y * gamma.astype(dt)
     if self.drop_path > 0.0 and not deterministic:
       keep = 1.0 - self.drop_path
       mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (y.shape[0], 1, 1, 1))
       y = jnp.where(mask, y / keep, jnp.zeros_like(y))
-    return x.astype(cfg.dtype) + y
+    return x.astype(dt) + y
 
 
 class ConvNeXtStage(nn.Module):

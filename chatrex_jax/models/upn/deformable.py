@@ -52,7 +52,7 @@ class MLP(nn.Module):
       last = i == self.num_layers - 1
       init = nn.initializers.zeros_init() if (last and self.zero_init_last) else nn.initializers.xavier_uniform()
       x = dense(self.output_dim if last else self.hidden_dim, f"layers_{i}", ("embed", "mlp") if i == 0
-                else ("mlp", "mlp") if not last else ("mlp", "embed"), dtype=self.dtype,
+                else ("mlp", None) if not last else ("mlp", "embed"), dtype=self.dtype,
                 kernel_init=init)(x)
       if not last:
         x = nn.relu(x)
