@@ -164,3 +164,21 @@ def test_sharded_checkpoint_converts_with_bounded_memory(tmp_path):
   for rule in llm_convert.rules(config)[:5] + llm_convert.rules(config)[-3:]:
     np.testing.assert_array_equal(dst[rule.flax_path], rule.layout.to_flax(src[rule.torch_key]))
   assert len(dst) == len(llm_convert.rules(config))
+
+
+def test_add_chatrex_tokens_to_a_local_tokenizer(tmp_path):
+  from chatrex_jax.data.constants import SPECIAL_TOKENS
+  from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
+  tok = build_tiny_tokenizer(tmp_path / "tok", add_chatrex_tokens=False, vocab_size=300)
+  assert len(tok) <= 384  # like Qwen: the embedding matrix is at least the tokenizer
+  hf, state = make_hf("qwen2", False, seed=25)
+  config, model, params = to_flax(hf, state)
+  base = len(tok)
+  new, cfg = llm_convert.add_chatrex_tokens(params, config, tok)
+  assert len(tok) == base + 104 and cfg.vocab_size == base + 104
+  assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(base, base + 104))
+  emb = np.asarray(new["embed_tokens"]["embedding"])
+  np.testing.assert_allclose(emb[base:], np.broadcast_to(state["model.embed_tokens.weight"][:base].mean(0), (104, 64)),
+                             rtol=1e-6, atol=1e-7)
+  again, cfg2 = llm_convert.add_chatrex_tokens(new, cfg, tok)  # idempotent
+  assert cfg2.vocab_size == cfg.vocab_size and len(tok) == base + 104

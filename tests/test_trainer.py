@@ -157,3 +157,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(assets, tmp_path):
   state, _ = ckpt.restore(last, ckpt_lib.abstract_like(trainer.init_state()))
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.trainable))
   ckpt.close()
+
+
+def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(assets, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  work = tmp_path / "preempted"
+  proc = subprocess.Popen(_train_cmd(assets, work, **{"optim.total_steps": 1000, "train.checkpoint_every": 1000}),
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline and len(read_jsonl(work / "metrics.jsonl")) < 2 and proc.poll() is None:
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-2000:]
+  assert "(sigterm)" in out
+  steps = len(read_jsonl(work / "metrics.jsonl"))
+  ckpt = ckpt_lib.Checkpointer(work / "checkpoints")
+  assert ckpt.latest_step() == steps  # the step it stopped at, not a periodic one
+  ckpt.close()

@@ -211,3 +211,19 @@ def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
 
 def jax_tree_copy(tree):
   return {k: jax_tree_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+
+
+def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer) -> tuple[dict, LLMConfig]:
+  """Adds ChatRex's 104 tokens (`<obj0>`..`<obj99>`, `<ground>`, `</ground>`, `<objects>`,
+  `</objects>`, special, in that order) to a locally loaded HF tokenizer and resizes the
+  embeddings to `len(tokenizer)` with the new rows set to the mean of the earlier ones
+  (spec B.7). Tokens the tokenizer already has are not added twice."""
+  from chatrex_jax.data.constants import SPECIAL_TOKENS
+  missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+  if len(missing) not in (0, len(SPECIAL_TOKENS)):
+    raise ValueError(f"tokenizer has {len(SPECIAL_TOKENS) - len(missing)} of the ChatRex tokens: "
+                     "add all of them or none (the order fixes their ids)")
+  added = tokenizer.add_tokens(list(missing), special_tokens=True) if missing else 0
+  if not added:
+    return dict(params), config
+  return resize_vocab(params, config, len(tokenizer), added)
