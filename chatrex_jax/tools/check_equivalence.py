@@ -23,7 +23,7 @@ def check(path: pathlib.Path, out=None) -> bool:
   name = fixture.name
   try:
     component = fixture.component
-  except FileNotFoundError:
+  except (FileNotFoundError, NotADirectoryError):
     print(f"FAIL {name}: no meta.json in {path}", file=out)
     return False
   runner = registry.runners().get(component)
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   ok = True
   for path in args.fixtures:
+    if path.is_file():  # e.g. the README that `golden/*` also matches: not a fixture
+      print(f"{path}: a file, not a fixture folder; ignored")
+      continue
     ok &= check(path)
   return 0 if ok else 1
 
