@@ -389,7 +389,7 @@ def abstract_train_state(config, mesh, shard_opt_state: bool = True):
 
 
 def abstract_batch(config, task, mesh):
-  """The global batch the step sees: `_ModelBatches.KEYS`, batch axis over (data, fsdp)."""
+  """The global batch the step sees: `mllm_task.MODEL_BATCH_KEYS`, batch axis over (data, fsdp)."""
   import jax
   import jax.numpy as jnp
   from chatrex_jax.models.chatrex import example_batch
@@ -400,13 +400,13 @@ def abstract_batch(config, task, mesh):
                                                 num_tokens=int(d.seq_len),
                                                 max_objects=int(d.max_objects)))
   shapes["labels"] = jax.ShapeDtypeStruct(shapes["token_ids"].shape, jnp.int32)
-  from chatrex_jax.train.mllm_task import _ModelBatches
-  missing = set(_ModelBatches.KEYS) - set(shapes)
+  from chatrex_jax.train.mllm_task import MODEL_BATCH_KEYS
+  missing = set(MODEL_BATCH_KEYS) - set(shapes)
   if missing:
     raise AOTError(f"example_batch lacks the trained keys {sorted(missing)}")
   return {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype,
                                   sharding=sharding_lib.batch_sharding(mesh, len(shapes[k].shape)))
-          for k in _ModelBatches.KEYS}
+          for k in MODEL_BATCH_KEYS}
 
 
 def _tree_bytes_per_device(tree) -> tuple[int, int]:

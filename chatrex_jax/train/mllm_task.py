@@ -14,6 +14,11 @@ from chatrex_jax.models.clip_vit import CLIPVisionConfig
 from chatrex_jax.models.convnext import ConvNeXtConfig
 from chatrex_jax.models.llm import LLMConfig
 from chatrex_jax.train.optimizer import STAGE_PATTERNS
+from chatrex_jax.train.trainer import SelectKeys
+
+# What the train step reads: the model inputs and the labels.
+MODEL_BATCH_KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
+                    "source_index", "attention_mask", "position_ids", "labels")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -119,7 +124,7 @@ class ChatRexTask:
     pipeline.set_model_sizes(d, self.model_config)
     it = pipeline.make_iterator(d, process_index=process_index, process_count=process_count,
                                 tokenizer=self.tokenizer)
-    return _ModelBatches(it)
+    return SelectKeys(it, MODEL_BATCH_KEYS)
 
   def batch_signature(self, local_batch) -> float:
     ids = np.asarray(local_batch["token_ids"], np.int64)
@@ -139,22 +144,3 @@ class ChatRexTask:
 
   def tokens_in(self, local_batch) -> float:
     return float(np.sum(local_batch["attention_mask"]))
-
-
-class _ModelBatches:
-  """Keeps the keys the step reads (model inputs + labels); forwards the iterator state."""
-  KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
-          "source_index", "attention_mask", "position_ids", "labels")
-
-  def __init__(self, it):
-    self.it = it
-
-  def __next__(self):
-    batch = next(self.it)
-    return {k: batch[k] for k in self.KEYS}
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)

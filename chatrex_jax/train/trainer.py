@@ -106,6 +106,23 @@ def optax_global_norm(tree) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves)) if leaves else jnp.float32(0)
 
 
+class SelectKeys:
+  """Wraps a checkpointable batch iterator, keeping only the keys the train step reads."""
+
+  def __init__(self, it, keys):
+    self.it, self.keys = it, tuple(keys)
+
+  def __next__(self):
+    batch = next(self.it)
+    return {k: batch[k] for k in self.keys}
+
+  def get_state(self):
+    return self.it.get_state()
+
+  def set_state(self, state):
+    self.it.set_state(state)
+
+
 @dataclasses.dataclass
 class TrainResult:
   step: int

@@ -26,9 +26,11 @@ import numpy as np
 from chatrex_jax.data.upn_data import PROMPT_IDS
 from chatrex_jax.models.upn.transformer import encoder_output_proposals
 from chatrex_jax.models.upn.upn import UPN, UPNConfig
+from chatrex_jax.train.trainer import SelectKeys
 from chatrex_jax.train.upn_losses import UPNLossConfig, count_boxes, upn_criterion
 
 PROMPTS = ("fine", "coarse")   # index = prompt id
+
 TASK_MODEL_KEYS = ("init_from", "freeze")   # model-section keys that are not UPNConfig fields
 
 
@@ -161,7 +163,7 @@ class UPNTask:
     from chatrex_jax.data import upn_data
     it = upn_data.make_upn_iterator(self.config.data, process_index=process_index,
                                     process_count=process_count)
-    return _ModelBatches(it)
+    return SelectKeys(it, ("images", "mask", "boxes", "box_mask", "prompt_id", "num_boxes"))
 
   def batch_signature(self, local_batch) -> float:
     idx = np.asarray(local_batch["prompt_id"], np.int64) * 7 + np.asarray(local_batch["num_boxes"], np.int64)
@@ -170,20 +172,3 @@ class UPNTask:
   def tokens_in(self, local_batch) -> float:
     """Images in the batch (the trainer's tokens_per_s is images per second for UPN)."""
     return float(np.asarray(local_batch["prompt_id"]).shape[0])
-
-
-class _ModelBatches:
-  KEYS = ("images", "mask", "boxes", "box_mask", "prompt_id", "num_boxes")
-
-  def __init__(self, it):
-    self.it = it
-
-  def __next__(self):
-    batch = next(self.it)
-    return {k: batch[k] for k in self.KEYS}
-
-  def get_state(self):
-    return self.it.get_state()
-
-  def set_state(self, state):
-    self.it.set_state(state)
