@@ -4,13 +4,14 @@
       --config.data.sources='[{"path": "/tmp/engine_out", "weight": 1.0}]' \
       --config.data.tokenizer_dir=/tmp/tok
 """
+import importlib.util
+import pathlib
+
 import ml_collections
 
 
-
 def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
-  import importlib.util
-  import pathlib
+  # Loaded by path: config files are run as files, not imported from a package.
   spec = importlib.util.spec_from_file_location("_chatrex_7b", pathlib.Path(__file__).with_name("chatrex_7b.py"))
   base = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(base)
