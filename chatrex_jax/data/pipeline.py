@@ -493,6 +493,11 @@ def make_iterator(cfg, *, sources=None, process_index: int | None = None,
   srcs = open_sources(cfg) if sources is None else list(sources)
   ds = build_dataset(cfg, sources=srcs, process_index=pi, process_count=pc, tokenizer=tokenizer,
                      template=template)
+  return to_iterator(ds, cfg, fingerprint(cfg, [len(s) for _, s, _ in srcs], pi, pc))
+
+
+def to_iterator(ds, cfg, fingerprint_: str) -> DataIterator:
+  """A batched MapDataset -> the checkpointable iterator (threads, optional worker processes)."""
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
                                                prefetch_buffer_size=cfg.prefetch_buffer_size))
   if cfg.num_workers > 0:
@@ -502,7 +507,7 @@ def make_iterator(cfg, *, sources=None, process_index: int | None = None,
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-  return DataIterator(iter(it_ds), fingerprint(cfg, [len(s) for _, s, _ in srcs], pi, pc))
+  return DataIterator(iter(it_ds), fingerprint_)
 
 
 def model_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,6 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
-import grain
 import ml_collections
 import numpy as np
 from PIL import Image
@@ -369,12 +368,5 @@ def make_upn_iterator(cfg, *, sources=None, process_index: int | None = None,
   pi, pc = mllm_pipeline._process_info(process_index, process_count)
   srcs = open_upn_sources(cfg) if sources is None else list(sources)
   ds = build_upn_dataset(cfg, sources=srcs, process_index=pi, process_count=pc)
-  it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.num_threads,
-                                               prefetch_buffer_size=cfg.prefetch_buffer_size))
-  if cfg.num_workers > 0:
-    from absl import flags
-    if not flags.FLAGS.is_parsed():
-      flags.FLAGS.mark_as_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
   fp = mllm_pipeline.fingerprint(cfg, [len(s) for _, s, _ in srcs], pi, pc)
-  return mllm_pipeline.DataIterator(iter(it_ds), fp)
+  return mllm_pipeline.to_iterator(ds, cfg, fp)
