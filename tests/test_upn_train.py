@@ -304,6 +304,21 @@ def test_proposal_export_validates(scenes, fast, tmp_path):
     upn_export.export_proposals(scenes, scenes, predict)
 
 
+def test_batch_bucket_pads_without_changing_results(scenes, fast):
+  """Padding a short batch (one compilation for all batch sizes) leaves every image's result equal."""
+  from chatrex_jax.inference import upn_export
+  images = [upn_export._open(r["image"]) for r in list(records_lib.iter_records(scenes))[:3]]
+  kw = dict(size=32, max_size=32, min_score=0.0, nms_iou=0.8)
+  plain = upn_export.predictor_fn(fast["params"], fast["task"].model_config, **kw)
+  bucketed = upn_export.predictor_fn(fast["params"], fast["task"].model_config, batch_bucket=4, **kw)
+  for prompt in ("fine", "coarse"):
+    want, got = plain(images, prompt), bucketed(images, prompt)
+    assert len(got) == len(want) == 3
+    for a, b in zip(want, got):
+      np.testing.assert_allclose(b.boxes, a.boxes, atol=1e-4)
+      np.testing.assert_allclose(b.scores, a.scores, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- training (slow)
 
 

@@ -197,11 +197,15 @@ class UPNPredictor:
     kept = upn.filter(result, min_score=0.3, nms_iou=0.8)
   """
 
-  def __init__(self, params, config: UPNConfig, size: int = 800, max_size: int = 1333):
+  def __init__(self, params, config: UPNConfig, size: int = 800, max_size: int = 1333,
+               batch_bucket: int | None = None):
     self.params = params
     self.config = config
     self.model = UPN(config)
     self.size, self.max_size = size, max_size  # the official resize; change only for tests
+    # Pad batches to a multiple of batch_bucket (repeating the last image) so a dataset's short
+    # last batches reuse one compiled forward instead of compiling one per batch size.
+    self.batch_bucket = batch_bucket
 
   @classmethod
   def from_checkpoint(cls, path, config: UPNConfig | None = None, **kw) -> "UPNPredictor":
@@ -218,9 +222,12 @@ class UPNPredictor:
     if not isinstance(images, (list, tuple)):
       images = [images]
     prepped = [preprocess(im, self.size, self.max_size) for im in images]
+    n = len(prepped)
+    if self.batch_bucket and n % self.batch_bucket:
+      prepped += [prepped[-1]] * (self.batch_bucket - n % self.batch_bucket)
     batch, mask = pad_batch([x for x, _ in prepped])
     out = forward(self.model, self.params, batch, mask, (prompt_type,))[prompt_type]
-    return postprocess(out["pred_boxes"], out["pred_logits"], [hw for _, hw in prepped])
+    return postprocess(out["pred_boxes"][:n], out["pred_logits"][:n], [hw for _, hw in prepped[:n]])
 
   @staticmethod
   def filter(result: UPNResult, min_score: float = 0.3, nms_iou: float | None = 0.8) -> list[Proposals]:

@@ -54,10 +54,11 @@ def load_trained_params(workdir: str | os.PathLike, step: int | None = None) -> 
 
 
 def predictor_fn(params, config, size: int = 800, max_size: int = 1333, min_score: float = 0.3,
-                 nms_iou: float | None = 0.8) -> PromptFn:
-  """(images, prompt) -> filtered proposals, with the official preprocessing (`UPNPredictor`)."""
+                 nms_iou: float | None = 0.8, batch_bucket: int | None = None) -> PromptFn:
+  """(images, prompt) -> filtered proposals, with the official preprocessing (`UPNPredictor`;
+  batch_bucket: pad batches to a multiple of it, one compilation for every batch size)."""
   from chatrex_jax.inference.upn import UPNPredictor
-  pred = UPNPredictor(params, config, size=size, max_size=max_size)
+  pred = UPNPredictor(params, config, size=size, max_size=max_size, batch_bucket=batch_bucket)
 
   def run(images, prompt):
     return pred.filter(pred(images, prompt), min_score=min_score, nms_iou=nms_iou)

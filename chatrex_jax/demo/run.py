@@ -1,0 +1,312 @@
+"""`chatrex-jax demo [--quick] [--workdir DIR] [--fresh] [--config.key=value ...]`
+
+The embedded end-to-end run, on a fresh machine with nothing downloaded:
+
+  1. data       the data engine (Beam DirectRunner, oracle backends, real spaCy) writes
+                synthetic-scene records: a training set and a held-out set (another seed)
+  2. tokenizer  a byte-level BPE trained on the records' texts + the official prompts
+  3. upn        a tiny UPN trained on both granularities (objects: coarse, dots: fine)
+  4. proposals  the trained UPN's filtered proposals stored in the training records
+  5. chatrex    a tiny ChatRex trained in three stages on proposals mixed with ground truth
+                (stage 1: projectors + embeddings; 2: everything, perception; 3: + captions
+                and conversations), each stage starting from the previous stage's export
+  6. eval       held-out UPN recall@0.5 and ChatRex referring accuracy, each beside a random
+                baseline (`chatrex_jax.demo.evaluate`)
+  7. report     DIR/report.json, DIR/report.md and DIR/vis/*.png (`chatrex_jax.demo.report`)
+
+Every step keeps its outputs in DIR; rerunning resumes (finished steps are skipped, training
+resumes from its last checkpoint). --fresh deletes DIR first. Settings: configs/demo.py.
+Exit status: 0, or 1 when a full run misses one of the thresholds it reports.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+
+
+def _config_file(name: str) -> pathlib.Path:
+  path = CONFIGS / name
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: the demo reads its settings from the repository's configs/ folder. "
+        "Install the project from a checkout with `pip install -e .` and run it there.")
+  return path
+
+
+def load_demo_config(quick: bool, overrides=()):
+  from chatrex_jax.train.main import load_config
+  return load_config(f"{_config_file('demo.py')}:{'quick' if quick else 'full'}", overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class Paths:
+  root: pathlib.Path
+
+  def __getattr__(self, name):
+    raise AttributeError(name)
+
+  @property
+  def train(self): return self.root / "data" / "train"
+  @property
+  def heldout(self): return self.root / "data" / "heldout"
+  @property
+  def train_proposals(self): return self.root / "data" / "train_upn_proposals"
+  @property
+  def tokenizer(self): return self.root / "tokenizer"
+  @property
+  def upn(self): return self.root / "upn"
+  def stage(self, n: int): return self.root / "chatrex" / f"stage{n}"
+  def stage_export(self, n: int): return self.stage(n) / "export"
+  @property
+  def eval(self): return self.root / "eval"
+
+
+class Timer:
+  """Wall-clock seconds per demo step (kept in the report)."""
+
+  def __init__(self):
+    self.seconds: dict[str, float] = {}
+
+  def step(self, name: str, title: str):
+    timer = self
+
+    class _Step:
+      def __enter__(self):
+        print(f"\n== {name}: {title}", flush=True)
+        self.t0 = time.time()
+
+      def __exit__(self, *exc):
+        timer.seconds[name] = round(time.time() - self.t0, 1)
+        if exc[0] is None:
+          print(f"== {name} done in {timer.seconds[name]:.1f}s", flush=True)
+    return _Step()
+
+
+# ---------------------------------------------------------------------------------- steps
+
+
+def build_data(cfg, paths: Paths) -> dict:
+  """Runs the data engine for the training and held-out scenes (resumable)."""
+  from data_engine import config as engine_config
+  from data_engine import pipeline as engine
+  out = {}
+  d = cfg.data
+  for split, path, n, seed in (("train", paths.train, d.num_train, d.train_seed),
+                               ("heldout", paths.heldout, d.num_heldout, d.heldout_seed)):
+    c = engine_config.load_config(f"{_config_file('data_engine_synthetic.py')}:{n},{d.image_size},{seed}")
+    c.name = f"demo_scenes_{split}"
+    c.records_per_shard = d.records_per_shard
+    manifest = engine.run(engine_config.to_plain(c), str(path))
+    out[split] = manifest["counts"]
+  return out
+
+
+def build_tokenizer(cfg, paths: Paths):
+  from transformers import AutoTokenizer
+  from chatrex_jax.data import records as records_lib
+  from chatrex_jax.data.tiny_tokenizer import DEFAULT_TEXTS, build_tiny_tokenizer
+  from chatrex_jax.inference import prompts
+  if (paths.tokenizer / "tokenizer.json").exists():
+    return AutoTokenizer.from_pretrained(paths.tokenizer, local_files_only=True)
+  texts = list(DEFAULT_TEXTS) + [t for name in prompts.OFFICIAL_NAMES for t in prompts.official_list(name)]
+  for r in records_lib.iter_records(str(paths.train)):
+    texts.append(r["caption"])
+    for g in r["regions"]:
+      texts += [g["phrase"], g["referring"], g["description"]]
+    texts += [turn["text"] for turn in r.get("conversations") or []]
+  return build_tiny_tokenizer(paths.tokenizer, texts, family=cfg.tokenizer.family,
+                              vocab_size=cfg.tokenizer.vocab_size)
+
+
+def _train(config, task, workdir: pathlib.Path, progress: bool):
+  import jax
+  from chatrex_jax.inference.upn_export import load_trained_params
+  from chatrex_jax.train.trainer import Trainer
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  trainer = Trainer(config, task, workdir, devices=jax.devices()[:1])
+  result = trainer.train(progress=progress)
+  history = [{"step": h["step"], "loss": h["loss"]} for h in result.history]
+  return load_trained_params(workdir), history
+
+
+def upn_training_config(cfg, paths: Paths):
+  from chatrex_jax.train.main import load_config
+  u = cfg.upn
+  c = load_config(f"{_config_file('upn_train_tiny.py')}:{u.model_arg}")
+  c.data.sources = [{"path": str(paths.train), "granularity": "both"}]
+  c.data.batch_size, c.data.max_size, c.data.scales = u.batch_size, u.canvas, list(u.scales)
+  c.data.crop_prob, c.data.max_targets = u.crop_prob, u.max_targets
+  c.optim.total_steps, c.optim.lr, c.optim.lr_backbone = u.steps, u.lr, u.lr
+  c.optim.warmup_steps = max(1, u.steps // 15)
+  c.train.checkpoint_every = max(1, u.steps // 2)
+  c.train.log_every = 10
+  c.mesh.fsdp = 1
+  return c
+
+
+def train_upn(cfg, paths: Paths, progress: bool):
+  from chatrex_jax.train.upn_task import UPNTask
+  config = upn_training_config(cfg, paths)
+  task = UPNTask(config)
+  params, history = _train(config, task, paths.upn, progress)
+  return task.model_config, params, history
+
+
+def upn_predictor(cfg, model_config, params):
+  from chatrex_jax.inference.upn import Proposals
+  from chatrex_jax.inference.upn_export import predictor_fn
+  p = cfg.proposals
+  predict = predictor_fn(params, model_config, size=cfg.upn.canvas, max_size=cfg.upn.canvas,
+                         min_score=p.min_score, nms_iou=p.nms_iou, batch_bucket=cfg.eval.batch_size)
+
+  def capped(images, prompt):   # the highest-scoring few per prompt (sorted by score)
+    return [Proposals(x.boxes[:p.max_per_image], x.scores[:p.max_per_image])
+            for x in predict(images, prompt)]
+  return capped
+
+
+def export_train_proposals(cfg, paths: Paths, predict) -> dict:
+  from chatrex_jax.data import records as records_lib
+  from chatrex_jax.inference.upn_export import export_proposals
+  if (paths.train_proposals / records_lib.MANIFEST).exists():
+    m = records_lib.read_manifest(str(paths.train_proposals))
+    return {"records": m["counts"]["records"], "reused": True}
+  tmp = paths.train_proposals.with_name(paths.train_proposals.name + ".partial")
+  shutil.rmtree(tmp, ignore_errors=True)
+  stats = export_proposals(str(paths.train), str(tmp), predict, prompt=cfg.proposals.prompt,
+                           batch_size=cfg.eval.batch_size, provenance="demo",
+                           settings={k: v for k, v in cfg.proposals.items()})
+  tmp.rename(paths.train_proposals)   # complete or absent, never half-written
+  return stats
+
+
+def chatrex_stage_config(cfg, paths: Paths, stage: int):
+  from chatrex_jax.train.main import load_config
+  s = cfg.chatrex[f"stage{stage}"]
+  c = load_config(f"{_config_file('chatrex_tiny.py')}:stage{stage}")
+  c.model.llm = dict(cfg.chatrex.llm)
+  c.model.train_vision_tower_aux = cfg.chatrex.train_vision_tower_aux
+  c.model.init_from = str(paths.stage_export(stage - 1)) if stage > 1 else ""
+  c.data.sources = [{"path": str(paths.train_proposals), "weight": 1.0}]
+  c.data.tokenizer_dir = str(paths.tokenizer)
+  c.data.batch_size, c.data.seq_len = cfg.chatrex.batch_size, cfg.chatrex.seq_len
+  c.data.max_objects = cfg.chatrex.max_objects
+  c.data.seed = stage                      # another data order per stage
+  c.data.tasks.weights = dict(s.task_weights)
+  c.data.tasks.grounding_kinds = dict(s.grounding_kinds)
+  c.optim.lr, c.optim.total_steps, c.optim.warmup_steps = s.lr, s.steps, s.warmup_steps
+  c.train.checkpoint_every = max(1, s.steps // 2)
+  c.train.log_every = 10
+  c.mesh.fsdp = 1
+  return c
+
+
+def train_chatrex(cfg, paths: Paths, tokenizer, progress: bool):
+  """Stages 1-3; each exports the official layout that the next one starts from."""
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.train.mllm_task import ChatRexTask
+  histories = {}
+  for stage in (1, 2, 3):
+    export = paths.stage_export(stage)
+    config = chatrex_stage_config(cfg, paths, stage)
+    task = ChatRexTask(config)
+    if (export / "config.json").exists():
+      print(f"stage {stage}: reusing {export}", flush=True)
+      continue
+    print(f"-- ChatRex stage {stage}: {config.optim.total_steps} steps, trainable "
+          f"{', '.join(task.trainable_patterns())}", flush=True)
+    params, histories[f"stage{stage}"] = _train(config, task, paths.stage(stage), progress)
+    tmp = export.with_name("export.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    chatrex_convert.save_checkpoint(params, task.model_config, tmp, tokenizer=tokenizer)
+    tmp.rename(export)
+  return histories
+
+
+def evaluate(cfg, paths: Paths, predict, progress: bool) -> tuple[dict, list, list, list]:
+  from chatrex_jax.demo import evaluate as ev
+  from chatrex_jax.inference.pipeline import ChatRexPipeline
+  e = cfg.eval
+  scenes = ev.load_scenes(str(paths.heldout))
+  props = ev.propose(scenes, predict, max_candidates=cfg.chatrex.max_objects,
+                     batch_size=e.batch_size, progress=progress)
+  upn = ev.upn_metrics(scenes, props, e.iou, seed=e.seed)
+  # The same measures on as many training scenes, to compare with the held-out ones.
+  seen = ev.load_scenes(str(paths.train), limit=len(scenes))
+  upn_seen = ev.upn_metrics(seen, ev.propose(seen, predict, max_candidates=cfg.chatrex.max_objects,
+                                             batch_size=e.batch_size, progress=progress), e.iou, seed=e.seed)
+  pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.max_objects)
+  pipe.max_objects = cfg.chatrex.max_objects
+  referring, rows = ev.referring_eval(pipe, scenes, props, iou=e.iou, batch_size=e.batch_size,
+                                      max_new_tokens=e.max_new_tokens, progress=progress)
+  paths.eval.mkdir(parents=True, exist_ok=True)
+  with open(paths.eval / "referring_predictions.jsonl", "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  return {"upn": upn, "upn_training_scenes": upn_seen, "referring": referring}, scenes, props, rows
+
+
+# ---------------------------------------------------------------------------------- command
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+  argv = [a for a in argv if not a.startswith("--config.")]
+  parser = argparse.ArgumentParser(prog="chatrex-jax demo", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--workdir", default="chatrex_demo", help="output folder (default ./chatrex_demo)")
+  parser.add_argument("--quick", action="store_true", help="the short CI run (configs/demo.py:quick)")
+  parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = parser.parse_args(argv)
+
+  from chatrex_jax.demo import report as report_lib
+  cfg = load_demo_config(args.quick, overrides)
+  paths = Paths(pathlib.Path(args.workdir).absolute())
+  if args.fresh:
+    shutil.rmtree(paths.root, ignore_errors=True)
+  paths.root.mkdir(parents=True, exist_ok=True)
+  progress = not args.no_progress
+  timer = Timer()
+  t0 = time.time()
+  print(f"chatrex-jax demo ({cfg.mode}) in {paths.root}", flush=True)
+
+  with timer.step("data", "data engine on synthetic scenes (DirectRunner, oracle backends, spaCy)"):
+    data_counts = build_data(cfg, paths)
+  with timer.step("tokenizer", "byte-level BPE on the records' texts"):
+    tokenizer = build_tokenizer(cfg, paths)
+  with timer.step("upn", f"tiny UPN, {cfg.upn.steps} steps, fine + coarse prompts"):
+    upn_config, upn_params, upn_history = train_upn(cfg, paths, progress)
+  predict = upn_predictor(cfg, upn_config, upn_params)
+  with timer.step("proposals", "UPN proposals into the training records"):
+    export_stats = export_train_proposals(cfg, paths, predict)
+  with timer.step("chatrex", "tiny ChatRex, stages 1-3"):
+    chatrex_history = train_chatrex(cfg, paths, tokenizer, progress)
+  with timer.step("eval", "held-out scenes: UPN recall, ChatRex referring accuracy"):
+    metrics, scenes, props, rows = evaluate(cfg, paths, predict, progress)
+  with timer.step("report", "report.json, report.md, vis/*.png"):
+    report = report_lib.build_report(cfg, metrics, data_counts=data_counts, export_stats=export_stats,
+                                      histories={"upn": upn_history, **chatrex_history})
+    report_lib.write_visualisations(paths.root / "vis", scenes, props, rows,
+                                    cfg.eval.num_visualisations)
+  report["seconds"] = {**timer.seconds, "total": round(time.time() - t0, 1)}
+  report_lib.write(paths.root, report)
+  print("\n" + report_lib.summary_lines(report), flush=True)
+  if cfg.mode == "full" and not report["passed"]:
+    print("The demo did not reach its thresholds (see report.md).", file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

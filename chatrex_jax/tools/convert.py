@@ -1,0 +1,550 @@
+"""`chatrex-jax convert`: official checkpoints <-> this project's formats, both directions.
+
+  chatrex-jax convert llm --from HF_DIR --to FLAX_DIR         # and FLAX_DIR -> HF_DIR
+  chatrex-jax convert chatrex --from OFFICIAL_DIR --to OUT_DIR [--layout rexseek|llava]
+  chatrex-jax convert chatrex --from OFFICIAL_DIR --to OUT_DIR --format orbax   # and back
+  chatrex-jax convert upn --from upn_large.pth --to upn_flax.safetensors [--config large]
+  chatrex-jax convert upn --from upn_flax.safetensors --to upn_large.pth        # and back
+  chatrex-jax convert export --workdir RUN [--step N] --to OUT [--config FILE[:ARG]]
+
+The direction is read from the source: an LLM folder whose tensors are keyed by Flax paths
+('a/b/c', written by `convert llm`) goes back to HF names, any other goes to Flax; a ChatRex
+folder with an Orbax `params/` sub-folder goes to the official layout. Every command prints
+what it wrote. A wrong path or format exits with code 2 and a message, not a traceback.
+
+Formats
+* llm, Flax side: `llm.convert_hf_to_flax_checkpoint` (disk to disk, bounded memory);
+  load it with `chatrex_jax.convert.llm.load_flax_checkpoint`.
+* chatrex, Orbax side: OUT/config.json (the official config plus the vision-tower sizes),
+  OUT/params/ (an Orbax `StandardCheckpointer` tree of the Flax params), tokenizer files.
+* upn, Flax side: one safetensors file keyed by Flax paths (metadata format chatrex-jax-flax);
+  official side: `.pth` ({"model": state_dict}, read with weights_only=True) or `.safetensors`.
+* export: the latest (or --step) checkpoint of a `chatrex-jax train` workdir, trainable and
+  frozen parameters merged, written in the official layout (chatrex: a folder with config.json,
+  safetensors and the training tokenizer, loadable by `chatrex-jax predict`; upn: a .pth or
+  .safetensors file). The model config is the workdir's config.json unless --config is given.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import pickle
+import shutil
+import sys
+from typing import Iterable, Mapping
+
+import numpy as np
+
+FLAX_FORMAT = "chatrex-jax-flax"   # same tag as chatrex_jax.convert.llm.FLAX_FORMAT
+ORBAX_PARAMS = "params"            # sub-folder of a ChatRex Orbax params dir
+# Files a checkpoint folder carries that are rewritten, never copied verbatim.
+WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pth", ".pt")
+
+
+class UsageError(Exception):
+  """A user mistake (wrong path, format or option): reported in one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _folder(path: str, what: str, *, needs_config: bool = True) -> pathlib.Path:
+  """An existing checkpoint folder, or a UsageError naming what is wrong with it."""
+  p = pathlib.Path(path)
+  if not p.exists():
+    raise UsageError(f"{p} does not exist (expected {what})")
+  if p.is_file():
+    raise UsageError(f"{p} is a file; expected {what}")
+  if needs_config and not (p / "config.json").exists():
+    raise UsageError(f"{p} has no config.json; expected {what}")
+  return p
+
+
+def _output_folder(dst: str, src: pathlib.Path, overwrite: bool) -> pathlib.Path:
+  """A destination folder that is empty, or whose stale weight files --overwrite removes.
+
+  Stale shards must go: a leftover index would make readers pick the old tensors."""
+  out = pathlib.Path(dst)
+  if out.exists() and out.is_file():
+    raise UsageError(f"--to {out} is a file; expected a folder (it is created if missing)")
+  if out.resolve() == src.resolve():
+    raise UsageError(f"--to {out} is the source folder; write to another folder")
+  if out.exists() and any(out.iterdir()):
+    if not overwrite:
+      raise UsageError(f"--to {out} exists and is not empty; pass --overwrite to replace its weights")
+    for f in out.iterdir():
+      if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + (".partial",)):
+        f.unlink()
+    if (out / ORBAX_PARAMS).is_dir():
+      shutil.rmtree(out / ORBAX_PARAMS)
+  out.mkdir(parents=True, exist_ok=True)
+  return out
+
+
+def _copy_side_files(src: pathlib.Path, dst: pathlib.Path, skip: Iterable[str] = ("config.json",)) -> list[str]:
+  """Copies tokenizer and other non-weight files (generation_config.json, ...) along."""
+  copied = []
+  for f in sorted(src.iterdir()):
+    if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in skip:
+      shutil.copy2(f, dst / f.name)
+      copied.append(f.name)
+  return copied
+
+
+def _human(n: int) -> str:
+  for unit in ("B", "KiB", "MiB", "GiB"):
+    if n < 1024 or unit == "GiB":
+      return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+    n /= 1024
+  return f"{n} B"
+
+
+def _report(path: pathlib.Path, tensors: int, extra: Iterable[str] = ()) -> None:
+  """Prints `wrote PATH: N tensors, X bytes` and the files there."""
+  files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+  total = sum(f.stat().st_size for f in files)
+  print(f"wrote {path}: {tensors} tensors, {total} bytes ({_human(total)}) in {len(files)} files")
+  if path.is_dir():
+    top = sorted(f.name + ("/" if f.is_dir() else "") for f in path.iterdir())
+    print("  " + ", ".join(top))
+  for line in extra:
+    print("  " + line)
+
+
+def _is_flax_keyed(names: Iterable[str]) -> bool:
+  """Flax-path keys ('a/b/c', 'level_embed') vs torch keys ('a.b.c'): a torch state dict
+  names every tensor module.attribute, a Flax path never holds a dot."""
+  names = list(names)
+  return bool(names) and not any("." in n for n in names)
+
+
+def _count_leaves(tree) -> int:
+  from chatrex_jax.convert.mapping import flatten
+  return len(flatten(tree))
+
+
+# ----------------------------------------------------------------------------- llm
+
+def run_llm(args) -> int:
+  from chatrex_jax.convert import llm as llm_convert
+  from chatrex_jax.convert import safetensors_io
+  from chatrex_jax.models.llm import LLMConfig
+  src = _folder(args.src, "an LLM checkpoint folder (config.json + *.safetensors)")
+  ckpt = _open_checkpoint(src)
+  to_flax = not _is_flax_keyed(ckpt)
+  ckpt.close()
+  dst = _output_folder(args.dst, src, args.overwrite)
+  max_shard = int(args.max_shard_mb * 2**20)
+  if to_flax:
+    llm_convert.convert_hf_to_flax_checkpoint(src, dst, max_shard_bytes=max_shard)
+    direction = "HF -> Flax (load with chatrex_jax.convert.llm.load_flax_checkpoint)"
+  else:
+    config = LLMConfig.from_hf(llm_convert.read_hf_config(src))
+    params = llm_convert.load_flax_checkpoint(src)
+    llm_convert.save_hf(params, config, dst, max_shard_bytes=max_shard)
+    direction = "Flax -> HF (transformers.AutoModelForCausalLM.from_pretrained loads it)"
+  copied = _copy_side_files(src, dst)
+  out = safetensors_io.Checkpoint(dst)
+  n = len(out)
+  out.close()
+  _report(dst, n, [direction] + ([f"copied {', '.join(copied)}"] if copied else []))
+  return 0
+
+
+def _open_checkpoint(path: pathlib.Path):
+  from chatrex_jax.convert import safetensors_io
+  try:
+    return safetensors_io.Checkpoint(path)
+  except FileNotFoundError as e:
+    raise UsageError(str(e)) from None
+
+
+# ----------------------------------------------------------------------------- chatrex
+
+def chatrex_config_json(config) -> dict:
+  """The official config.json plus every vision-tower size, so an Orbax params dir is
+  self-describing without tensor shapes in torch layout."""
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  hf = chatrex_convert.config_to_hf(config)
+  hf["vision_config"].update(num_channels=config.clip.num_channels,
+                             select_layer=config.clip.select_layer,
+                             select_feature=config.clip.select_feature)
+  hf["convnext_config"].update(in_chans=config.convnext.in_chans, patch_size=config.convnext.patch_size,
+                               kernel_size=config.convnext.kernel_size)
+  return hf
+
+
+def chatrex_config_from_json(hf: Mapping):
+  """Inverse of `chatrex_config_json` (a UsageError when the sizes are not there)."""
+  from chatrex_jax.models.chatrex import ChatRexConfig
+  from chatrex_jax.models.clip_vit import CLIPVisionConfig
+  from chatrex_jax.models.convnext import ConvNeXtConfig
+  from chatrex_jax.models.llm import LLMConfig
+  if "vision_config" not in hf or "convnext_config" not in hf:
+    raise UsageError("config.json lacks vision_config / convnext_config: this is not a params dir "
+                     "written by `chatrex-jax convert chatrex --format orbax`")
+
+  def pick(cls, d):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+  clip = CLIPVisionConfig(**pick(CLIPVisionConfig, hf["vision_config"]))
+  convnext = ConvNeXtConfig(**pick(ConvNeXtConfig, hf["convnext_config"]))
+  return ChatRexConfig(llm=LLMConfig.from_hf(dict(hf)), clip=clip, convnext=convnext,
+                       aux_image_size=int(hf["aux_image_size"]))
+
+
+def _check_param_shapes(params, config) -> None:
+  """Restored params vs the model's parameter shapes: every mismatch listed at once."""
+  import jax
+  from flax.core import meta
+  from chatrex_jax.convert.mapping import ConversionError, flatten
+  from chatrex_jax.models.chatrex import ChatRex, example_batch
+  want = flatten(meta.unbox(jax.eval_shape(ChatRex(config).init, jax.random.key(0),
+                                           example_batch(config))["params"]))
+  got = flatten(params)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  misshaped = [f"{k}: {tuple(np.shape(got[k]))} vs model {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+  if missing or unexpected or misshaped:
+    raise ConversionError("ChatRex Orbax params", missing, unexpected, misshaped)
+
+
+def _is_orbax_params_dir(path: pathlib.Path) -> bool:
+  return (path / ORBAX_PARAMS).is_dir()
+
+
+def save_orbax_params(params, path: pathlib.Path) -> None:
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(path.absolute(), params)
+  ckptr.wait_until_finished()
+  ckptr.close()
+
+
+def load_orbax_params(path: pathlib.Path) -> dict:
+  import jax
+  import orbax.checkpoint as ocp
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    params = ckptr.restore(path.absolute())
+  finally:
+    ckptr.close()
+  return jax.tree.map(np.asarray, params)
+
+
+def run_chatrex(args) -> int:
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.convert import safetensors_io
+  src = _folder(args.src, "a ChatRex checkpoint folder (config.json + *.safetensors) or an Orbax "
+                "params dir (config.json + params/)")
+  dst = _output_folder(args.dst, src, args.overwrite)
+  notes = []
+  if _is_orbax_params_dir(src):
+    if args.format == "orbax":
+      raise UsageError(f"{src} is already an Orbax params dir; use --format official")
+    config = chatrex_config_from_json(json.loads((src / "config.json").read_text()))
+    params = load_orbax_params(src / ORBAX_PARAMS)
+    _check_param_shapes(params, config)
+    layout = args.layout or "rexseek"
+    notes.append(f"Orbax -> official ({layout} layout)")
+  else:
+    config, params, found = chatrex_convert.load_checkpoint(src)
+    layout = args.layout or found
+    notes.append(f"official ({found} layout) -> "
+                 + ("Orbax params" if args.format == "orbax" else f"official ({layout} layout)"))
+  if args.format == "orbax":
+    (dst / "config.json").write_text(json.dumps(chatrex_config_json(config), indent=2))
+    save_orbax_params(params, dst / ORBAX_PARAMS)
+    count = _count_leaves(params)
+  else:
+    chatrex_convert.save_checkpoint(params, config, dst, layout=layout,
+                                    max_shard_bytes=int(args.max_shard_mb * 2**20))
+    out = safetensors_io.Checkpoint(dst)
+    count = len(out)
+    out.close()
+  copied = _copy_side_files(src, dst)
+  if copied:
+    notes.append(f"copied {', '.join(copied)}")
+  _report(dst, count, notes)
+  return 0
+
+
+# ----------------------------------------------------------------------------- upn
+
+def _upn_config(spec: str):
+  from chatrex_jax.inference.upn_predict import load_config
+  try:
+    return load_config(spec)
+  except FileNotFoundError as e:
+    raise UsageError(str(e)) from None
+
+
+def _official_file(path: pathlib.Path, what: str) -> str:
+  """'pth' or 'safetensors' from the file name (a UsageError for anything else)."""
+  if path.suffix in (".pth", ".pt"):
+    return "pth"
+  if path.suffix == ".safetensors":
+    return "safetensors"
+  raise UsageError(f"{what} {path}: expected a .pth/.pt or .safetensors file name")
+
+
+def write_upn_official(state: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
+  """A torch-named state dict -> `.pth` ({"model": ...}, as upn_large.pth) or `.safetensors`."""
+  from chatrex_jax.convert import safetensors_io
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if _official_file(path, "--to") == "safetensors":
+    safetensors_io.save_file(state, path)
+    return
+  import ml_dtypes
+  import torch
+
+  def tensor(v):
+    v = np.asarray(v)
+    if v.dtype == ml_dtypes.bfloat16:  # numpy has no bf16: move the bits
+      return torch.from_numpy(v.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
+  torch.save({"model": {k: tensor(v) for k, v in state.items()}}, path)
+
+
+def run_upn(args) -> int:
+  from chatrex_jax.convert import mapping, safetensors_io
+  from chatrex_jax.convert import upn as upn_convert
+  src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
+  if not src.exists():
+    raise UsageError(f"{src} does not exist (expected a UPN checkpoint file: .pth or .safetensors)")
+  if src.is_dir():
+    raise UsageError(f"{src} is a folder; expected a UPN checkpoint file (.pth or .safetensors)")
+  if dst.exists() and dst.is_dir():
+    raise UsageError(f"--to {dst} is a folder; expected a file name (.pth or .safetensors)")
+  if dst.exists() and not args.overwrite:
+    raise UsageError(f"--to {dst} exists; pass --overwrite to replace it")
+  if dst.resolve() == src.resolve():
+    raise UsageError(f"--to {dst} is the source file; write to another file")
+  _official_file(src, "--from")
+  config = _upn_config(args.config)
+  flax_in = False
+  if src.suffix == ".safetensors":
+    header = safetensors_io.SafetensorsFile(src)
+    flax_in = header.metadata.get("format") == FLAX_FORMAT or _is_flax_keyed(header)
+    header.close()
+  notes = []
+  if flax_in:
+    params = mapping.unflatten(safetensors_io.load_file(src))
+    state = upn_convert.to_torch(params, config)
+    if _official_file(dst, "--to") == "safetensors" and args.format == "flax":
+      raise UsageError(f"{src} is already a Flax-keyed UPN file; give --to a .pth or leave --format out")
+    write_upn_official(state, dst)
+    count = len(state)
+    notes.append("Flax -> official (torch key names, shared box MLP under every alias, "
+                 "relative_position_index buffers)")
+  else:
+    try:
+      state = upn_convert.load_state_dict(src)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's refusals
+      raise UsageError(f"{src}: not a readable PyTorch checkpoint with plain tensors "
+                       f"(read with weights_only=True): {str(e).splitlines()[0]}") from None
+    params, report = upn_convert.to_flax(state, config)
+    del state
+    if report.unexpected and args.strict:
+      raise UsageError(f"{src}: {report} (drop --strict to skip them, as the official load does)")
+    if args.format == "official":
+      state = upn_convert.to_torch(params, config)
+      write_upn_official(state, dst)
+      count = len(state)
+      notes.append("official -> official")
+    else:
+      if dst.suffix != ".safetensors":
+        raise UsageError(f"--to {dst}: the Flax-keyed UPN file is safetensors; name it *.safetensors "
+                         "(or pass --format official to write a .pth)")
+      flat = mapping.flatten(params)
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      safetensors_io.save_file(flat, dst, metadata={"format": FLAX_FORMAT, "model": "upn"})
+      count = len(flat)
+      notes.append("official -> Flax (keys are Flax paths; chatrex_jax.convert.mapping.unflatten "
+                   "of safetensors_io.load_file gives the params)")
+    if report.unexpected or report.missing_aliases:
+      notes.append(f"skipped: {report}")
+  _report(dst, count, notes)
+  return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+def _training_config(args):
+  """The run's config: --config FILE[:ARG] (+ overrides), else WORKDIR/config.json."""
+  import ml_collections
+  from chatrex_jax.train.main import load_config
+  if args.config:
+    try:
+      return load_config(args.config, args.overrides)
+    except (FileNotFoundError, KeyError) as e:
+      raise UsageError(str(e).strip("'\"")) from None
+  saved = pathlib.Path(args.workdir) / "config.json"
+  if not saved.exists():
+    raise UsageError(f"{saved} not found: give the run's training config with --config FILE[:ARG]")
+  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  from chatrex_jax.train.main import set_path
+  for item in args.overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise UsageError(f"override --config.{item} is not key=value")
+    set_path(config, key, raw)
+  return config
+
+
+def run_export(args) -> int:
+  from chatrex_jax.inference.upn_export import load_trained_params
+  workdir = pathlib.Path(args.workdir)
+  if not workdir.is_dir():
+    raise UsageError(f"--workdir {workdir} is not a folder (expected a `chatrex-jax train` workdir)")
+  if not (workdir / "checkpoints").is_dir():
+    raise UsageError(f"{workdir} has no checkpoints/ folder: not a `chatrex-jax train` workdir "
+                     "(or no checkpoint was saved yet)")
+  steps = sorted(int(d.name) for d in (workdir / "checkpoints").iterdir() if d.name.isdigit())
+  if args.step is not None and args.step not in steps:
+    raise UsageError(f"{workdir / 'checkpoints'} has no step {args.step}; saved steps: {steps or 'none'}")
+  config = _training_config(args)
+  kind = args.kind or config.get("task", None)
+  if kind not in ("chatrex", "upn"):
+    raise UsageError(f"cannot tell the model: config.task is {kind!r}; pass --kind chatrex|upn")
+  try:
+    params = load_trained_params(workdir, args.step)
+  except FileNotFoundError as e:
+    raise UsageError(str(e)) from None
+  except (ValueError, KeyError) as e:  # orbax: an unknown step
+    raise UsageError(f"{workdir}: cannot restore step {args.step}: {e}") from None
+  import jax
+  params = jax.tree.map(np.asarray, params)
+  if kind == "upn":
+    return _export_upn(args, config, params)
+  return _export_chatrex(args, config, params)
+
+
+def _export_upn(args, config, params) -> int:
+  from chatrex_jax.convert import upn as upn_convert
+  from chatrex_jax.models.upn.upn import UPNConfig
+  from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
+  dst = pathlib.Path(args.dst)
+  _official_file(dst, "--to (a UPN export is one file)")
+  if dst.exists() and not args.overwrite:
+    raise UsageError(f"--to {dst} exists; pass --overwrite to replace it")
+  model = UPNConfig.from_config_dict({k: v for k, v in dict(config.model).items() if k not in TASK_MODEL_KEYS})
+  state = upn_convert.to_torch(params, model)
+  write_upn_official(state, dst)
+  _report(dst, len(state), [f"training checkpoint ({args.workdir}) -> official UPN",
+                            "use it with `python -m chatrex_jax.inference.upn_predict --upn "
+                            f"{dst} --config FILE[:ARG]` (the run's model section)"])
+  return 0
+
+
+def _export_chatrex(args, config, params) -> int:
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.convert import safetensors_io
+  from chatrex_jax.train.mllm_task import model_config
+  tokenizer, notes = None, []
+  tok_dir = config.data.get("tokenizer_dir", "") if "data" in config else ""
+  if tok_dir:
+    if not pathlib.Path(tok_dir).is_dir():
+      raise UsageError(f"config.data.tokenizer_dir {tok_dir} is not a folder: set "
+                       "--config.data.tokenizer_dir to the tokenizer the run trained with")
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+  try:
+    model = model_config(config.model, len(tokenizer) if tokenizer is not None else None)
+  except ValueError as e:
+    raise UsageError(str(e)) from None
+  if tokenizer is None:
+    notes.append("no tokenizer (config.data.tokenizer_dir is empty): copy one into the folder "
+                 "before `chatrex-jax predict`")
+  dst = _output_folder(args.dst, pathlib.Path(args.workdir), args.overwrite)
+  chatrex_convert.save_checkpoint(params, model, dst, layout=args.layout or "rexseek",
+                                  max_shard_bytes=int(args.max_shard_mb * 2**20), tokenizer=tokenizer)
+  out = safetensors_io.Checkpoint(dst)
+  count = len(out)
+  out.close()
+  notes.insert(0, f"training checkpoint ({args.workdir}) -> official ({args.layout or 'rexseek'} layout); "
+               "ChatRexPipeline.from_checkpoint / `chatrex-jax predict` load it")
+  _report(dst, count, notes)
+  return 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="chatrex-jax convert", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = p.add_subparsers(dest="command", required=True, metavar="{llm,chatrex,upn,export}")
+
+  def common(sp, shards=True):
+    sp.add_argument("--overwrite", action="store_true", help="replace existing weights at --to")
+    if shards:
+      sp.add_argument("--max-shard-mb", type=float, default=5 * 1024,
+                      help="largest safetensors shard written (MiB, default 5120)")
+
+  sp = sub.add_parser("llm", help="HF Qwen2/LLaMA folder <-> Flax-keyed safetensors folder")
+  sp.add_argument("--from", dest="src", required=True, help="HF folder or a `convert llm` output")
+  sp.add_argument("--to", dest="dst", required=True, help="output folder")
+  common(sp)
+  sp.set_defaults(run=run_llm)
+
+  sp = sub.add_parser("chatrex", help="ChatRex/RexSeek folder: re-layout, or <-> Orbax params dir")
+  sp.add_argument("--from", dest="src", required=True, help="official folder or Orbax params dir")
+  sp.add_argument("--to", dest="dst", required=True, help="output folder")
+  sp.add_argument("--layout", choices=("rexseek", "llava"), default=None,
+                  help="official key layout written (default: the source's, rexseek from Orbax)")
+  sp.add_argument("--format", choices=("official", "orbax"), default="official",
+                  help="official = config.json + safetensors; orbax = config.json + params/")
+  common(sp)
+  sp.set_defaults(run=run_chatrex)
+
+  sp = sub.add_parser("upn", help="official upn_large.pth/.safetensors <-> Flax-keyed safetensors")
+  sp.add_argument("--from", dest="src", required=True, help=".pth / .safetensors file")
+  sp.add_argument("--to", dest="dst", required=True, help=".safetensors (Flax) or .pth/.safetensors (official)")
+  sp.add_argument("--config", default="large", help="large | tiny | FILE[:ARG] with a model section")
+  sp.add_argument("--format", choices=("flax", "official"), default="flax",
+                  help="what an official source becomes (a Flax source always becomes official)")
+  sp.add_argument("--strict", action="store_true", help="refuse checkpoint keys the model does not use")
+  common(sp, shards=False)
+  sp.set_defaults(run=run_upn)
+
+  sp = sub.add_parser("export", help="a training workdir's checkpoint -> official layout")
+  sp.add_argument("--workdir", required=True, help="`chatrex-jax train` workdir")
+  sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+  sp.add_argument("--to", dest="dst", required=True, help="folder (chatrex) or .pth/.safetensors (upn)")
+  sp.add_argument("--config", default="", help="training config FILE[:ARG] (default: WORKDIR/config.json)")
+  sp.add_argument("--kind", choices=("chatrex", "upn"), default=None, help="default: config.task")
+  sp.add_argument("--layout", choices=("rexseek", "llava"), default=None, help="chatrex key layout")
+  common(sp)
+  sp.set_defaults(run=run_export)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
+  argv = [a for a in argv if not a.startswith("--config.")]
+  parser = _parser()
+  try:
+    args = parser.parse_args(argv)
+  except SystemExit as e:  # argparse printed the usage problem (or --help)
+    return e.code if isinstance(e.code, int) else 2
+  args.overrides = overrides
+  if overrides and args.command != "export":
+    print(f"chatrex-jax convert {args.command}: error: --config.key=value overrides apply to "
+          "`export` only", file=sys.stderr)
+    return 2
+  from chatrex_jax.convert.mapping import ConversionError
+  try:
+    return int(args.run(args) or 0)
+  except (UsageError, ConversionError, FileNotFoundError, NotADirectoryError) as e:
+    print(f"chatrex-jax convert {args.command}: error: {e}", file=sys.stderr)
+    return 2
+  except ValueError as e:  # the converters' format checks (not a ChatRex checkpoint, ...)
+    print(f"chatrex-jax convert {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

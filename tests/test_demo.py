@@ -1,0 +1,87 @@
+"""`chatrex-jax demo --quick`: the whole chain runs on a fresh work directory, writes a complete
+report, and a rerun resumes from the saved outputs with identical metrics.
+
+The full run (`chatrex-jax demo`, about 15 min on 2 cores) is the slow test at the end:
+
+    pytest -m slow tests/test_demo.py
+"""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from chatrex_jax.demo import run as demo
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  rc = demo.main(["--quick", "--workdir", str(workdir), "--no-progress"])
+  return workdir, rc, json.loads((workdir / "report.json").read_text())
+
+
+def test_quick_run_writes_a_complete_report(quick):
+  workdir, rc, report = quick
+  cfg = demo.load_demo_config(True)
+  assert rc == 0 and report["mode"] == "quick"
+  assert [c["name"] for c in report["checks"]] == ["upn_recall", "referring_accuracy"]
+  for c in report["checks"]:
+    assert 0.0 <= c["value"] <= 1.0 and 0.0 <= c["baseline"] <= 1.0
+    assert c["threshold"] == cfg.eval.thresholds[c["name"]]
+    assert c["passed"] == (c["value"] >= c["threshold"])
+  assert report["passed"] == all(c["passed"] for c in report["checks"])
+  # every step ran and was timed
+  assert set(report["seconds"]) == {"data", "tokenizer", "upn", "proposals", "chatrex", "eval",
+                                    "report", "total"}
+  assert report["data"]["train"]["records"] == cfg.data.num_train
+  assert report["data"]["heldout"]["records"] == cfg.data.num_heldout
+  assert report["proposal_export"]["records"] == cfg.data.num_train
+  # all four models trained for their configured steps; UPN and stage 2 losses fell
+  loss = report["training_loss"]
+  assert loss["upn"]["steps"] == cfg.upn.steps
+  for s in (1, 2, 3):
+    assert loss[f"stage{s}"]["steps"] == cfg.chatrex[f"stage{s}"].steps
+  assert loss["upn"]["last"] < loss["upn"]["first"]
+  assert loss["stage2"]["last"] < loss["stage1"]["first"]
+  # held-out evaluation covered every object of every held-out scene
+  upn, ref = report["metrics"]["upn"], report["metrics"]["referring"]
+  assert upn["images"] == cfg.data.num_heldout and upn["gt_regions"] > cfg.data.num_heldout
+  rows = [json.loads(l) for l in (workdir / "eval" / "referring_predictions.jsonl").read_text().splitlines()]
+  assert len(rows) == ref["samples"] > 0
+  assert abs(np.mean([r["hit"] for r in rows]) - ref["accuracy"]) < 1e-9
+  assert all(r["question"].startswith("Please detect the ") for r in rows)
+  assert 0.0 <= ref["random_candidate_accuracy"] <= ref["candidate_ceiling"] <= 1.0
+  assert report["metrics"]["upn_training_scenes"]["images"] == cfg.data.num_heldout
+
+
+def test_quick_run_outputs_are_readable(quick):
+  workdir, _, report = quick
+  md = (workdir / "report.md").read_text()
+  assert "| upn_recall |" in md and "| referring_accuracy |" in md and "random baseline" in md
+  pngs = sorted((workdir / "vis").glob("heldout_*.png"))
+  assert len(pngs) == demo.load_demo_config(True).eval.num_visualisations
+  with Image.open(pngs[0]) as im:
+    side = report["config"]["data"]["image_size"] * 4
+    assert im.size == (2 * side + 8, side) and im.mode == "RGB"
+  for stage in (1, 2, 3):   # each stage's export is a loadable official-layout checkpoint
+    assert (workdir / "chatrex" / f"stage{stage}" / "export" / "config.json").exists()
+    assert (workdir / "chatrex" / f"stage{stage}" / "export" / "tokenizer.json").exists()
+
+
+def test_rerun_resumes_with_identical_metrics(quick):
+  workdir, _, report = quick
+  assert demo.main(["--quick", "--workdir", str(workdir), "--no-progress"]) == 0
+  again = json.loads((workdir / "report.json").read_text())
+  assert again["metrics"] == report["metrics"]
+  assert again["proposal_export"].get("reused") is True
+  assert again["training_loss"] == {}    # nothing was retrained
+
+
+@pytest.mark.slow
+def test_full_demo_meets_its_thresholds(tmp_path):
+  rc = demo.main(["--workdir", str(tmp_path), "--no-progress"])
+  report = json.loads((tmp_path / "report.json").read_text())
+  print(json.dumps({c["name"]: c for c in report["checks"]}, indent=1), report["seconds"])
+  assert rc == 0 and report["passed"]
+  assert report["seconds"]["total"] <= 15 * 60
