@@ -48,25 +48,38 @@ def load_demo_config(quick: bool, overrides=()):
 
 @dataclasses.dataclass(frozen=True)
 class Paths:
+  """Where each step keeps its outputs under the work directory."""
   root: pathlib.Path
 
-  def __getattr__(self, name):
-    raise AttributeError(name)
+  @property
+  def train(self) -> pathlib.Path:            # engine records, training scenes
+    return self.root / "data" / "train"
 
   @property
-  def train(self): return self.root / "data" / "train"
+  def heldout(self) -> pathlib.Path:          # engine records, held-out scenes (another seed)
+    return self.root / "data" / "heldout"
+
   @property
-  def heldout(self): return self.root / "data" / "heldout"
+  def train_proposals(self) -> pathlib.Path:  # training records + stored UPN proposals
+    return self.root / "data" / "train_upn_proposals"
+
   @property
-  def train_proposals(self): return self.root / "data" / "train_upn_proposals"
+  def tokenizer(self) -> pathlib.Path:
+    return self.root / "tokenizer"
+
   @property
-  def tokenizer(self): return self.root / "tokenizer"
+  def upn(self) -> pathlib.Path:              # UPN Trainer workdir
+    return self.root / "upn"
+
+  def stage(self, n: int) -> pathlib.Path:    # ChatRex stage-n Trainer workdir
+    return self.root / "chatrex" / f"stage{n}"
+
+  def stage_export(self, n: int) -> pathlib.Path:  # its official-layout checkpoint
+    return self.stage(n) / "export"
+
   @property
-  def upn(self): return self.root / "upn"
-  def stage(self, n: int): return self.root / "chatrex" / f"stage{n}"
-  def stage_export(self, n: int): return self.stage(n) / "export"
-  @property
-  def eval(self): return self.root / "eval"
+  def eval(self) -> pathlib.Path:
+    return self.root / "eval"
 
 
 class Timer:
@@ -217,11 +230,11 @@ def train_chatrex(cfg, paths: Paths, tokenizer, progress: bool):
   histories = {}
   for stage in (1, 2, 3):
     export = paths.stage_export(stage)
-    config = chatrex_stage_config(cfg, paths, stage)
-    task = ChatRexTask(config)
     if (export / "config.json").exists():
       print(f"stage {stage}: reusing {export}", flush=True)
       continue
+    config = chatrex_stage_config(cfg, paths, stage)
+    task = ChatRexTask(config)
     print(f"-- ChatRex stage {stage}: {config.optim.total_steps} steps, trainable "
           f"{', '.join(task.trainable_patterns())}", flush=True)
     params, histories[f"stage{stage}"] = _train(config, task, paths.stage(stage), progress)
@@ -245,7 +258,6 @@ def evaluate(cfg, paths: Paths, predict, progress: bool) -> tuple[dict, list, li
   upn_seen = ev.upn_metrics(seen, ev.propose(seen, predict, max_candidates=cfg.chatrex.max_objects,
                                              batch_size=e.batch_size, progress=progress), e.iou, seed=e.seed)
   pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.max_objects)
-  pipe.max_objects = cfg.chatrex.max_objects
   referring, rows = ev.referring_eval(pipe, scenes, props, iou=e.iou, batch_size=e.batch_size,
                                       max_new_tokens=e.max_new_tokens, progress=progress)
   paths.eval.mkdir(parents=True, exist_ok=True)
