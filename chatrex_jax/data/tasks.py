@@ -41,6 +41,7 @@ import numpy as np
 
 from chatrex_jax.data import constants as C
 from chatrex_jax.inference import prompts
+from chatrex_jax.ops.boxes import pairwise_iou_host
 
 TASK_NAMES = ("grounding", "region", "grounded_caption", "conversation")
 TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
@@ -122,20 +123,6 @@ def object_tags(indices: Sequence[int]) -> str:
 def grounded(text: str, indices: Sequence[int]) -> str:
   """`<ground>{text}</ground><objects>...</objects>` (the ChatRex grounded-answer grammar)."""
   return C.GROUND_START + text + C.GROUND_END + object_tags(indices)
-
-
-def pairwise_iou_np(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-  """Host IoU (torchvision rule, no +1): a [N, 4], b [M, 4] xyxy -> [N, M] float64."""
-  a = np.asarray(a, np.float64).reshape(-1, 4)
-  b = np.asarray(b, np.float64).reshape(-1, 4)
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = np.clip(rb - lt, 0, None)
-  inter = wh[..., 0] * wh[..., 1]
-  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  union = area_a[:, None] + area_b[None, :] - inter
-  return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def _weighted_choice(rng: np.random.Generator, weights: Mapping[str, float],
@@ -223,7 +210,7 @@ def _synthetic_negatives(rng: np.random.Generator, gt: np.ndarray, n: int, width
 def _keep_negatives(cand: np.ndarray, gt: np.ndarray, dedup_iou: float, n: int) -> np.ndarray:
   ok = ((cand[:, 2] - cand[:, 0]) >= 1) & ((cand[:, 3] - cand[:, 1]) >= 1)
   if len(gt):
-    ok &= pairwise_iou_np(cand, gt).max(-1) < dedup_iou
+    ok &= pairwise_iou_host(cand, gt).max(-1) < dedup_iou
   return cand[ok][:n]
 
 

@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from chatrex_jax.ops.boxes import pairwise_iou_host
+
 
 def _boxes(b, what: str) -> np.ndarray:
   a = np.asarray(b, np.float64)
@@ -30,17 +32,8 @@ def _boxes(b, what: str) -> np.ndarray:
 
 
 def iou_matrix(a, b) -> np.ndarray:
-  """[N, M] IoU of xyxy boxes a [N, 4] and b [M, 4] (float64)."""
-  a, b = _boxes(a, "boxes a"), _boxes(b, "boxes b")
-  lt = np.maximum(a[:, None, :2], b[None, :, :2])
-  rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-  wh = np.clip(rb - lt, 0, None)
-  inter = wh[..., 0] * wh[..., 1]
-  area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-  area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  union = area_a[:, None] + area_b[None, :] - inter
-  with np.errstate(invalid="ignore", divide="ignore"):
-    return np.where(inter > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+  """[N, M] IoU of xyxy boxes a [N, 4] and b [M, 4] (float64; shapes checked)."""
+  return pairwise_iou_host(_boxes(a, "boxes a"), _boxes(b, "boxes b"))
 
 
 @dataclasses.dataclass

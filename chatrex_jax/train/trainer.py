@@ -221,7 +221,7 @@ class Trainer:
     history, stopped_by = [], "done"
     step = int(state.step)
     first = step
-    flops = peak = None
+    flops = peak = step_exe = None
     bar = None
     if progress and jax.process_index() == 0:
       from tqdm import tqdm
@@ -234,13 +234,15 @@ class Trainer:
             break
           local = next(data)
           batch = self._global_batch(local)
-          if flops is None:  # XLA counts a scanned layer body once: prefer the task's count
-            flops = metrics_lib.compiled_flops(jitted.lower(state, batch).compile()) or float("nan")
+          if step_exe is None:  # compiled once: the FLOP count and every step use this executable
+            step_exe = jitted.lower(state, batch).compile()
+            # XLA counts a scanned layer body once: the task's own count is preferred below
+            flops = metrics_lib.compiled_flops(step_exe) or float("nan")
             peak = tcfg.get("peak_flops", None) or metrics_lib.peak_flops_per_device()
           if hasattr(self.task, "model_flops"):
             flops = float(self.task.model_flops(local)) * jax.process_count()
           t0 = time.perf_counter()
-          state, m = jitted(state, batch)
+          state, m = step_exe(state, batch)
           m = jax.device_get(m)
           dt = time.perf_counter() - t0
           step += 1
