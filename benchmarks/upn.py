@@ -26,28 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 import psutil
 import torch
-import torch.nn.functional as F
 
 from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
+from chatrex_jax.testing import torch_ms_deform_attn_core
 
 LEVELS_800 = ((200, 334), (100, 167), (50, 84), (25, 42), (13, 21))
 LEVELS_512 = ((128, 128), (64, 64), (32, 32), (16, 16), (8, 8))
 
 
-def torch_core(value, shapes, loc, attn):
-  """ms_deform_attn_core_pytorch (Deformable DETR / UPN fallback)."""
-  b, _, n, c = value.shape
-  _, q, _, nl, p, _ = loc.shape
-  values = value.split([h * w for h, w in shapes], dim=1)
-  grids = 2 * loc - 1
-  samples = []
-  for lvl, (h, w) in enumerate(shapes):
-    v = values[lvl].flatten(2).transpose(1, 2).reshape(b * n, c, h, w)
-    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-    samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-  a = attn.transpose(1, 2).reshape(b * n, 1, q, nl * p)
-  out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(b, n * c, q)
-  return out.transpose(1, 2).contiguous()
 
 
 class PeakRSS:
@@ -107,10 +93,10 @@ def run_case(name, shapes, q, backward, repeats):
 
     def ref():
       v, l, a = (t.clone().requires_grad_(True) for t in (tv, tl, ta))
-      (torch_core(v, shapes, l, a) * torch.from_numpy(cot)).sum().backward()
+      (torch_ms_deform_attn_core(v, shapes, l, a) * torch.from_numpy(cot)).sum().backward()
     got = grad(jv, jl, ja)[0]
     v = tv.clone().requires_grad_(True)
-    (torch_core(v, shapes, tl, ta) * torch.from_numpy(cot)).sum().backward()
+    (torch_ms_deform_attn_core(v, shapes, tl, ta) * torch.from_numpy(cot)).sum().backward()
     err = float(np.abs(np.asarray(got) - v.grad.numpy()).max())
   else:
     fwd = jax.jit(lambda v, l, a: ms_deform_attn(v, shapes, l, a))
@@ -120,9 +106,9 @@ def run_case(name, shapes, q, backward, repeats):
 
     def ref():
       with torch.no_grad():
-        torch_core(tv, shapes, tl, ta)
+        torch_ms_deform_attn_core(tv, shapes, tl, ta)
     with torch.no_grad():
-      err = float(np.abs(np.asarray(fwd(jv, jl, ja)) - torch_core(tv, shapes, tl, ta).numpy()).max())
+      err = float(np.abs(np.asarray(fwd(jv, jl, ja)) - torch_ms_deform_attn_core(tv, shapes, tl, ta).numpy()).max())
   ours_s, ours_mb = timed(ours, repeats)
   ref_s, ref_mb = timed(ref, repeats)
   return {"name": f"upn_msdeform_attn_{name}",

@@ -51,3 +51,26 @@ def highest_precision():
 def torch_to_numpy_state(module) -> dict[str, np.ndarray]:
   """A torch module's state dict as numpy arrays (detached copies)."""
   return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
+
+
+def torch_ms_deform_attn_core(value, shapes, loc, attn):
+  """Deformable DETR's `ms_deform_attn_core_pytorch` (the UPN fallback), written with
+  F.grid_sample: the PyTorch reference of `ops.ms_deform_attn` for tests and benchmarks.
+
+  value [B, S, N, C], shapes [(H, W)] per level, loc [B, Q, N, L, P, 2] in [0, 1],
+  attn [B, Q, N, L, P] (torch tensors) -> [B, Q, N * C].
+  """
+  import torch
+  import torch.nn.functional as F
+  b, _, n, c = value.shape
+  _, q, _, nl, p, _ = loc.shape
+  values = value.split([h * w for h, w in shapes], dim=1)
+  grids = 2 * loc - 1
+  samples = []
+  for lvl, (h, w) in enumerate(shapes):
+    v = values[lvl].flatten(2).transpose(1, 2).reshape(b * n, c, h, w)
+    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
+    samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+  a = attn.transpose(1, 2).reshape(b * n, 1, q, nl * p)
+  out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(b, n * c, q)
+  return out.transpose(1, 2).contiguous()

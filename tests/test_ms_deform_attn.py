@@ -1,31 +1,17 @@
 """Multi-scale deformable attention vs the PyTorch grid_sample formulation (Deformable DETR's
-`ms_deform_attn_core_pytorch`, written here with F.grid_sample), forward and gradients."""
+`ms_deform_attn_core_pytorch`, `chatrex_jax.testing.torch_ms_deform_attn_core`), forward and gradients."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
+from chatrex_jax.testing import torch_ms_deform_attn_core
 
 SHAPES = ((6, 7), (3, 4), (2, 2))
 
 
-def torch_core(value, shapes, loc, attn):
-  """ms_deform_attn_core_pytorch: value [B,S,N,C], loc [B,Q,N,L,P,2], attn [B,Q,N,L,P]."""
-  b, _, n, c = value.shape
-  _, q, _, nl, p, _ = loc.shape
-  values = value.split([h * w for h, w in shapes], dim=1)
-  grids = 2 * loc - 1
-  samples = []
-  for lvl, (h, w) in enumerate(shapes):
-    v = values[lvl].flatten(2).transpose(1, 2).reshape(b * n, c, h, w)
-    g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-    samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-  a = attn.transpose(1, 2).reshape(b * n, 1, q, nl * p)
-  out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(b, n * c, q)
-  return out.transpose(1, 2).contiguous()
 
 
 def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
@@ -45,7 +31,7 @@ def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_forward_matches_grid_sample(seed, highest_precision):
   value, loc, attn = make_inputs(seed)
-  want = torch_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc), torch.from_numpy(attn)).numpy()
+  want = torch_ms_deform_attn_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc), torch.from_numpy(attn)).numpy()
   got = np.asarray(jax.jit(ms_deform_attn, static_argnums=1)(value, SHAPES, loc, attn))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
@@ -55,7 +41,7 @@ def test_gradients_match_grid_sample(highest_precision):
   value, loc, attn = make_inputs(3, exact_integers=True)
   cot = np.random.default_rng(4).standard_normal((2, 9, 8)).astype(np.float32)
   tv, tl, ta = (torch.from_numpy(x).requires_grad_(True) for x in (value, loc, attn))
-  (torch_core(tv, SHAPES, tl, ta) * torch.from_numpy(cot)).sum().backward()
+  (torch_ms_deform_attn_core(tv, SHAPES, tl, ta) * torch.from_numpy(cot)).sum().backward()
   grads = jax.grad(lambda v, l, a: jnp.sum(ms_deform_attn(v, SHAPES, l, a) * cot), argnums=(0, 1, 2))(
       value, loc, attn)
   for name, g, t in zip(("value", "locations", "weights"), grads, (tv, tl, ta)):
