@@ -61,6 +61,51 @@ def test_golden_upn_wrapper_e2e(golden_dir):
   _check(golden_dir, "upn_wrapper_e2e")
 
 
+def _fixture_copy(golden_dir, tmp_path, name, filter_args):
+  """A copy of a golden fixture whose meta.json `filter_args` is replaced (None: removed)."""
+  import shutil
+  from chatrex_jax.tools.equivalence.registry import Fixture
+  dst = tmp_path / name
+  shutil.copytree(golden_dir / name, dst)
+  meta = json.loads((dst / "meta.json").read_text())
+  meta.pop("filter_args", None)
+  if filter_args is not None:
+    meta["filter_args"] = filter_args
+  (dst / "meta.json").write_text(json.dumps(meta))
+  return Fixture(dst)
+
+
+@pytest.mark.parametrize("name", ["upn_filter", "upn_wrapper_e2e"])
+def test_filter_fixtures_take_filter_args_from_meta(golden_dir, tmp_path, name):
+  from chatrex_jax.tools.equivalence import upn as upn_runners
+  fx = _fixture_copy(golden_dir, tmp_path, name, {"min_score": 0.55, "nms_value": 0.6})
+  assert upn_runners.filter_args(fx) == (0.55, 0.6)
+  fx = _fixture_copy(golden_dir, tmp_path / "without", name, None)
+  assert upn_runners.filter_args(fx) == (0.3, 0.8)  # UPNWrapper.filter's defaults as fallback
+
+
+def test_upn_filter_runner_uses_meta_filter_args(golden_dir, tmp_path, monkeypatch):
+  from chatrex_jax.tools.equivalence import upn as upn_runners
+  fx = _fixture_copy(golden_dir, tmp_path, "upn_filter", {"min_score": 0.55, "nms_value": 0.6})
+  calls = []
+  real = infer.filter_result
+
+  def spy(result, min_score, nms_iou):
+    calls.append((min_score, nms_iou))
+    return real(result, min_score, nms_iou)
+
+  monkeypatch.setattr(infer, "filter_result", spy)
+  got = upn_runners.run_upn_filter(fx).outputs
+  assert calls and all(c == (0.55, 0.6) for c in calls)
+  # A stricter threshold keeps fewer boxes than the fixture's 0.3: the values really take effect.
+  for case in ("case0", "case1"):
+    res = infer.UPNResult(fx.inputs[f"{case}_boxes"], fx.inputs[f"{case}_scores"][..., 0])
+    want = [len(k.boxes) for k in real(res, 0.55, 0.6)]
+    n = next((i for i, c in enumerate(want) if c == 0), len(want))
+    assert got[f"{case}_counts"].tolist() == want[:n]
+  assert got["case0_counts"].sum() < fx.outputs["case0_counts"].sum()
+
+
 # ----------------------------------------------------------------------------- converter
 @pytest.fixture(scope="module")
 def tiny_state():

@@ -128,21 +128,38 @@ def _compare_filter(prefix: str, kept, fx: Fixture, exact: set, notes: list) -> 
   return out
 
 
+# UPNWrapper.filter's own defaults: only for a fixture whose meta.json has no `filter_args`.
+DEFAULT_FILTER_ARGS = {"min_score": 0.3, "nms_value": 0.8}
+
+
+def filter_args(fx: Fixture) -> tuple[float, float | None]:
+  """(min_score, nms_iou) the official filter ran with, from meta.json `filter_args`."""
+  args = {**DEFAULT_FILTER_ARGS, **fx.meta.get("filter_args", {})}
+  nms = args["nms_value"]
+  return float(args["min_score"]), None if nms is None else float(nms)
+
+
+def _filter(fx: Fixture, result):
+  from chatrex_jax.inference.upn import filter_result
+  min_score, nms_iou = filter_args(fx)
+  return filter_result(result, min_score=min_score, nms_iou=nms_iou)
+
+
 @register("upn_filter")
 def run_upn_filter(fx: Fixture) -> RunResult:
-  from chatrex_jax.inference.upn import UPNResult, filter_result
+  from chatrex_jax.inference.upn import UPNResult
   outs, exact, notes = {}, set(), []
   cases = sorted({k.split("_")[0] for k in fx.inputs})
   for case in cases:
     res = UPNResult(fx.inputs[f"{case}_boxes"], fx.inputs[f"{case}_scores"][..., 0])
-    kept = filter_result(res, min_score=0.3, nms_iou=0.8)
+    kept = _filter(fx, res)
     outs.update(_compare_filter(case, kept, fx, exact, notes))
   return RunResult(outs, exact=frozenset(exact), notes=notes)
 
 
 @register("upn_wrapper_e2e")
 def run_upn_wrapper_e2e(fx: Fixture) -> RunResult:
-  from chatrex_jax.inference.upn import filter_result, forward, postprocess, preprocess
+  from chatrex_jax.inference.upn import forward, postprocess, preprocess
   model, params, notes = _load_upn(fx)
   image = fx.inputs["image"]
   x, (h, w) = preprocess(image)
@@ -169,6 +186,6 @@ def run_upn_wrapper_e2e(fx: Fixture) -> RunResult:
     post = postprocess(dec["pred_boxes"], dec["pred_logits"], [(h, w)])
     outs[f"{pt}_post_xyxy_boxes_sorted"] = post.boxes
     outs[f"{pt}_post_scores_sorted"] = post.scores[..., None]
-    kept = filter_result(post, min_score=0.3, nms_iou=0.8)
+    kept = _filter(fx, post)
     outs.update(_compare_filter(f"{pt}_filter", kept, fx, exact, notes))
   return RunResult(outs, exact=frozenset(exact), notes=notes)
