@@ -34,7 +34,7 @@ def _load(path):
     from PIL import Image
     return np.asarray(Image.open(path).convert("RGB"))
   from chatrex_jax import testing
-  with np.load(testing.golden_root() / "processor_rexseek" / "inputs.npz") as z:
+  with np.load(testing.require_golden_root() / "processor_rexseek" / "inputs.npz") as z:
     return z["conversation_image"]
 
 

@@ -46,8 +46,8 @@ def _not_built(name: str) -> int:
     built = [n for n, ok in available().items() if ok and n != "demo"]
     print("chatrex-jax demo: the end-to-end demo is not built yet in this checkout.\n"
           f"Built commands: {', '.join(built) or 'none'}.\n"
-          "Run `chatrex-jax check-equivalence ../shared/golden/*` to check the components "
-          "that exist.")
+          "Run `chatrex-jax check-equivalence` (every fixture in tests/golden) to check the "
+          "components that exist.")
     return 0
   print(f"chatrex-jax {name}: not built yet in this checkout.", file=sys.stderr)
   return 2

@@ -8,16 +8,42 @@ import pathlib
 import numpy as np
 
 
+# tests/ is not part of the wheel: the shipped fixtures exist only in a source checkout (or an
+# editable install, whose package path points into one).
+SHIPPED_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "golden"
+
+
 def golden_root() -> pathlib.Path | None:
-  """Locates `shared/golden`: $CHATREX_GOLDEN, else `../shared/golden` beside the checkout."""
+  """The golden fixtures folder: $CHATREX_GOLDEN if set, else the checkout's `tests/golden`.
+
+  Returns None when the chosen folder does not exist; `require_golden_root` says why.
+  """
   env = os.environ.get("CHATREX_GOLDEN")
-  candidates = [pathlib.Path(env)] if env else []
-  repo = pathlib.Path(__file__).resolve().parents[1]
-  candidates += [repo.parent / "shared" / "golden", repo / "shared" / "golden"]
-  for c in candidates:
-    if (c / "README.md").exists():
-      return c
-  return None
+  if env:
+    path = pathlib.Path(env)
+    return path if path.is_dir() else None
+  return SHIPPED_GOLDEN if (SHIPPED_GOLDEN / "README.md").is_file() else None
+
+
+def require_golden_root() -> pathlib.Path:
+  """`golden_root()`, or FileNotFoundError naming what to set."""
+  path = golden_root()
+  if path is not None:
+    return path
+  env = os.environ.get("CHATREX_GOLDEN")
+  if env:
+    raise FileNotFoundError(f"CHATREX_GOLDEN={env} is not a folder: point it at the golden "
+                            "fixtures (tests/golden of a chatrex-jax source checkout)")
+  raise FileNotFoundError(
+      f"golden fixtures not found at {SHIPPED_GOLDEN}: they ship in tests/golden of the source "
+      "checkout, not in the wheel; run from a checkout (pip install -e .) or set "
+      "CHATREX_GOLDEN to a checkout's tests/golden")
+
+
+def golden_fixtures(root: pathlib.Path) -> list[pathlib.Path]:
+  """Every fixture folder under `root`, sorted (files such as README.md are not fixtures)."""
+  return sorted(p for p in pathlib.Path(root).iterdir()
+                if p.is_dir() and not p.name.startswith((".", "__")))
 
 
 def max_errors(got, want) -> tuple[float, float]:

@@ -23,11 +23,11 @@ from chatrex_jax import testing  # noqa: E402
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:
-  """The read-only golden fixtures made by the official PyTorch code."""
-  path = testing.golden_root()
-  if path is None:
-    pytest.fail("../shared/golden not found: set CHATREX_GOLDEN to the fixtures folder")
-  return path
+  """The golden fixtures made by the official PyTorch code: tests/golden, or $CHATREX_GOLDEN."""
+  try:
+    return testing.require_golden_root()
+  except FileNotFoundError as e:
+    pytest.fail(str(e))
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
 """Checks this project's components against golden fixtures made by the official PyTorch code.
 
-  python -m chatrex_jax.tools.check_equivalence ../shared/golden/qwen2_lm [DIR ...]
+  python -m chatrex_jax.tools.check_equivalence              # every fixture in tests/golden
+  python -m chatrex_jax.tools.check_equivalence tests/golden/qwen2_lm [DIR ...]
+
+With no DIR, every fixture folder of the golden root is checked: the checkout's tests/golden, or
+$CHATREX_GOLDEN when set (a wheel install has no tests/; set it there).
 
 For each fixture: rebuild the component from meta.json, load weights.safetensors through the
 project's converter, run on inputs.npz, compare with outputs.npz using the fixture's
@@ -57,11 +61,25 @@ def check(path: pathlib.Path, out=None) -> bool:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="check_equivalence", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("fixtures", nargs="+", type=pathlib.Path, help="golden fixture folders")
+  parser.add_argument("fixtures", nargs="*", type=pathlib.Path,
+                      help="golden fixture folders (default: every one in tests/golden or "
+                           "$CHATREX_GOLDEN)")
   args = parser.parse_args(argv)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  fixtures = args.fixtures
+  if not fixtures:
+    from chatrex_jax import testing
+    try:
+      root = testing.require_golden_root()
+    except FileNotFoundError as e:
+      print(f"check_equivalence: {e}", file=sys.stderr)
+      return 2
+    fixtures = testing.golden_fixtures(root)
+    if not fixtures:
+      print(f"check_equivalence: no fixture folders in {root}", file=sys.stderr)
+      return 2
   ok = True
-  for path in args.fixtures:
+  for path in fixtures:
     if path.is_file():  # e.g. the README that `golden/*` also matches: not a fixture
       print(f"{path}: a file, not a fixture folder; ignored")
       continue
