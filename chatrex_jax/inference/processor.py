@@ -492,8 +492,9 @@ class ChatRexProcessor:
 
   @staticmethod
   def parse(answer: str, sample: ProcessedSample, **kwargs):
-    """Parses a decoded answer against the sample's kept input boxes (original-image xyxy);
-    see `inference.parser.parse_grounded`."""
+    """Parses a decoded answer against the sample's kept input boxes (original-image xyxy)
+    with the official visualiser's rule (`inference.parser.parse_grounded` defaults; kwargs
+    select its other options)."""
     from chatrex_jax.inference import parser
     return parser.parse_grounded(answer, sample.image.boxes_original, **kwargs)
 
