@@ -344,22 +344,54 @@ def test_task_questions():
       q(**bad)
 
 
+# name -> (count, first element, sha256[:16] of "\n".join(list)) of the official lists at ChatRex
+# HEAD b98028c (chatrex/tools/prompt_templates.py, unchanged since 40e6401).
+OFFICIAL_LISTS_AT_HEAD = {
+    "REGION_CAPTION_SINGLE_REGION_FREE_FORMAT_CATEGORY_NAME_STAGE2": (
+        21, "What is the category name of [OBJ]? Answer the question with its category name in "
+        "free format.", "1ea069ae7b988f23"),
+    "REGION_CAPTION_SINGLE_REGION_SHORT_PHRASE_STAGE2": (
+        20, "Can you provide me with a short phrase to describe [OBJ]? Answer the question with a "
+        "short phrase.", "6327cd21c6f18456"),
+    "REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2": (
+        17, "Can you provide me with a brief description of [OBJ]? Answer the question with brief "
+        "description.", "9621994fe8eee584"),
+    "REGION_CAPTION_ONE_SENTENCE_STAGE2": (
+        18, "Can you provide a one sentence description of [OBJ] in the image? Answer the question "
+        "with a one sentence description.", "59ab78fe58b700d0"),
+    "COUNTING_SINGLE_REGION_STAGE2": (
+        10, "How many [OBJ] are there in this image? Answer the question with the number of "
+        "objects and locate them with object indexes.", "31accd1e8a6b93c8"),
+    "GROUNDING_SINGLE_REGION_STAGE2": (
+        21, "Please detect [OBJ] in this image. Answer the question with object indexes.",
+        "625aa097a1a160be"),
+    "BREIF_CAPTION_WITH_GROUDING_STAGE2": (
+        22, "Please breifly describe this image in one sentence and detect all the mentioned "
+        "objects. Answer the question with grounded answer.", "1bf00aedc2f8c96f"),
+    "DETAILED_CAPTION_WITH_GROUDING_STAGE2": (
+        21, "Please provide a detailed description of the image and detect all the mentioned "
+        "objects. Answer the question with grounded object indexes.", "e13311bce8f42112"),
+}
+
+
 def test_template_lists():
-  sizes = {"REGION_CAPTION_SINGLE_REGION_FREE_FORMAT_CATEGORY_NAME_STAGE2": 21,
-           "REGION_CAPTION_SINGLE_REGION_SHORT_PHRASE_STAGE2": 20,
-           "REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2": 17,
-           "REGION_CAPTION_ONE_SENTENCE_STAGE2": 18, "COUNTING_SINGLE_REGION_STAGE2": 10,
-           "GROUNDING_SINGLE_REGION_STAGE2": 21, "BREIF_CAPTION_WITH_GROUDING_STAGE2": 22,
-           "DETAILED_CAPTION_WITH_GROUDING_STAGE2": 21}
-  for name, n in sizes.items():
-    variants = prompts.OFFICIAL_NAMES[name]
-    assert len(variants) == n, name
-    assert all("[OBJ]" in v for v in variants) or "CAPTION_WITH" in name
+  import hashlib
+  assert list(prompts.OFFICIAL_NAMES) == list(OFFICIAL_LISTS_AT_HEAD)  # the file's order
+  for name, (n, first, digest) in OFFICIAL_LISTS_AT_HEAD.items():
     official = prompts.official_list(name)
-    assert len(official) == n - (name in prompts._MISSING_COMMA)
-  assert prompts.official_list("BREIF_CAPTION_WITH_GROUDING_STAGE2")[0].endswith(
-      "grounded answer.Please briefly describe this image and detect all the mentioned objects. "
-      "Answer with grounded object indexes.")
+    assert len(official) == n and official[0] == first, name
+    assert hashlib.sha256("\n".join(official).encode()).hexdigest()[:16] == digest, name
+    assert official == prompts.OFFICIAL_NAMES[name]
+    assert all("[OBJ]" in v for v in official) or "CAPTION_WITH" in name
+  # The first commit (1d4363a) joined the first two literals of two lists (missing commas).
+  for name in ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2", "BREIF_CAPTION_WITH_GROUDING_STAGE2"):
+    old = prompts.official_list(name, revision="1d4363a")
+    assert len(old) == OFFICIAL_LISTS_AT_HEAD[name][0] - 1
+    assert old[0] == prompts.OFFICIAL_NAMES[name][0] + prompts.OFFICIAL_NAMES[name][1]
+  assert prompts.official_list("GROUNDING_SINGLE_REGION_STAGE2", revision="1d4363a") == (
+      prompts.GROUNDING)
+  with pytest.raises(ValueError, match="revision"):
+    prompts.official_list("GROUNDING_SINGLE_REGION_STAGE2", revision="v2")
 
 
 # ------------------------------------------------------------------------------------------

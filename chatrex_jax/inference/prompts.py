@@ -1,14 +1,15 @@
 """ChatRex task prompts (spec C) and the user-text builder (spec B.7).
 
-The template lists are ChatRex `chatrex/tools/prompt_templates.py` (@1d4363a), every variant,
-element [0] first (the gradio demo and the RexSeek evaluation use element [0]); `[OBJ]` is
+The template lists are ChatRex `chatrex/tools/prompt_templates.py` as it stands at the
+repository's HEAD (b98028c; the file last changed in 40e6401): every variant, in the official
+order, element [0] first (the gradio demo and the RexSeek evaluation use element [0]); `[OBJ]` is
 replaced by a category / referring expression / `<objK>`, several joined with "; ".
+`official_list(name)` gives each list under its official name.
 
-Two official lists miss a comma after their first string, so Python concatenates the first two
-literals into one element. Here every literal is its own variant (the intended lists, with the
-sizes the spec quotes: brief 17, brief grounded caption 22); `official_list(name)` rebuilds the
-lists exactly as the official module evaluates them (element [0] there is the concatenation).
-Element [0] here is the first literal, which is what the README and the RexSeek tests use.
+History: the file's first commit (1d4363a) missed a comma after the first string of two lists
+(brief region caption, brief grounded caption), so Python joined their first two literals into
+one element (16 and 21 elements instead of 17 and 22); 40e6401 added the commas.
+`official_list(name, revision="1d4363a")` rebuilds those lists as that commit evaluated them.
 """
 from __future__ import annotations
 
@@ -206,14 +207,20 @@ OFFICIAL_NAMES = {
     "BREIF_CAPTION_WITH_GROUDING_STAGE2": GROUNDED_CAPTION_BRIEF,
     "DETAILED_CAPTION_WITH_GROUDING_STAGE2": GROUNDED_CAPTION_DETAILED,
 }
-# The two official lists whose first two literals are concatenated (missing comma).
-_MISSING_COMMA = ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2", "BREIF_CAPTION_WITH_GROUDING_STAGE2")
+# Lists whose first two literals were concatenated (missing comma) in the first commit only.
+_MISSING_COMMA_1D4363A = ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2",
+                          "BREIF_CAPTION_WITH_GROUDING_STAGE2")
+OFFICIAL_REVISIONS = ("head", "1d4363a")
 
 
-def official_list(name: str) -> list[str]:
-  """The official list exactly as Python evaluates `prompt_templates.py` (missing commas kept)."""
+def official_list(name: str, revision: str = "head") -> list[str]:
+  """The official list `name` as Python evaluates `prompt_templates.py`: at HEAD (default, the
+  lists above), or at the first commit "1d4363a" (two lists with their first two literals
+  concatenated)."""
+  if revision not in OFFICIAL_REVISIONS:
+    raise ValueError(f"revision must be one of {OFFICIAL_REVISIONS}, got {revision!r}")
   variants = list(OFFICIAL_NAMES[name])
-  if name in _MISSING_COMMA:
+  if revision == "1d4363a" and name in _MISSING_COMMA_1D4363A:
     variants = [variants[0] + variants[1]] + variants[2:]
   return variants
 
