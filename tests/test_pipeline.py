@@ -69,3 +69,32 @@ def test_predict_cli_writes_answer_json_and_png(checkpoint, tmp_path, capsys):
   assert result["boxes"] == [[5, 5, 40, 30], [20, 10, 80, 50]]
   assert {"phrases", "dropped", "rejected"} <= set(result["parsed"])
   assert Image.open(out_png).size == (90, 60)
+
+
+def test_predict_cli_reports_dropped_boxes(checkpoint, tmp_path):
+  """More boxes than the 100 object tags: the highest-scoring 100 are kept, with one warning,
+  a note in Prediction.notes and the JSON's box_overflow field."""
+  import json
+  from chatrex_jax.inference import predict
+  from chatrex_jax.inference.processor import BoxOverflowWarning
+  img = tmp_path / "in.png"
+  _image(4, 90, 60).save(img)
+  rng = np.random.default_rng(0)
+  xy = rng.uniform(0, 40, (103, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (103, 2))], 1).round(1)
+  scores = rng.uniform(0.3, 0.9, 103)
+  low = np.argsort(scores)[:3]
+  path = tmp_path / "boxes.json"
+  path.write_text(json.dumps({"boxes": boxes.tolist(), "scores": scores.tolist()}))
+  out_json = tmp_path / "pred.json"
+  with pytest.warns(BoxOverflowWarning) as caught:
+    rc = predict.main(["--checkpoint", str(checkpoint), "--image", str(img), "--task", "detect",
+                       "--query", "dot", "--boxes", str(path), "--max-new-tokens", "2",
+                       "--out", str(tmp_path / "pred.png"), "--json", str(out_json)])
+  assert rc == 0 and len(caught) == 1
+  result = json.loads(out_json.read_text())
+  assert result["box_overflow"] == {"given": 103, "kept": 100, "dropped": 3,
+                                    "rule": "highest_score"}
+  assert [n for n in result["notes"] if "dropped" in n] == [str(caught[0].message)]
+  kept = [i for i in range(103) if i not in low]
+  np.testing.assert_allclose(result["boxes"], boxes[kept])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -277,10 +278,36 @@ def test_box_policy():
   img = np.zeros((10, 20, 3), np.uint8)
   boxes = np.tile(np.array([[0, 0, 5, 5]], np.float32), (103, 1))
   boxes[:, 2] += np.arange(103)
-  out = P.ChatRexProcessor().preprocess_image(img, boxes)
+  # No scores: the first 100 (RexSeek evaluate_rexseek.py), one warning, one note.
+  with pytest.warns(P.BoxOverflowWarning) as caught:
+    out = P.ChatRexProcessor().preprocess_image(img, boxes)
+  assert len(caught) == 1 and "3 of 103 boxes dropped (rule 'first'" in str(caught[0].message)
   assert out.boxes.shape == (100, 4) and out.num_boxes_dropped == 3
   np.testing.assert_array_equal(out.boxes_original, boxes[:100])
-  assert any("3 boxes" in n for n in out.notes)
+  assert [n for n in out.notes if "dropped" in n] == [str(caught[0].message)]
+  assert out.box_selection.to_dict() == {"given": 103, "kept": 100, "dropped": 3, "rule": "first"}
+  # Scores: the 100 highest-scoring, in input order (ties: the earlier box).
+  scores = np.linspace(1, 0.5, 103)
+  scores[5] = -1.0
+  scores[100:] = 0.1  # a three-way tie at the cut: 100 stays, 101 and 102 go
+  with pytest.warns(P.BoxOverflowWarning, match="rule 'highest_score'"):
+    out = P.ChatRexProcessor().preprocess_image(img, boxes, scores)
+  keep = [i for i in range(103) if i not in (5, 101, 102)]
+  np.testing.assert_array_equal(out.box_selection.indices, keep)
+  np.testing.assert_array_equal(out.boxes_original, boxes[keep])
+  np.testing.assert_array_equal(out.boxes, P.transform_boxes(boxes[keep], (20, 10)))
+  # Sorted scores (UPN proposals) keep the first 100, as without scores.
+  sorted_sel = P.select_boxes(boxes, np.round(np.linspace(0.9, 0.3, 103), 2))
+  np.testing.assert_array_equal(sorted_sel.indices, np.arange(100))
+  assert sorted_sel.rule == "highest_score"
+  # At or under the cap nothing is dropped and nothing is said.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = P.ChatRexProcessor().preprocess_image(img, boxes[:100], scores[:100])
+  assert out.num_boxes_dropped == 0 and out.box_selection.rule is None
+  assert not any("dropped" in n for n in out.notes)
+  with pytest.raises(ValueError, match="scores for"):
+    P.ChatRexProcessor().preprocess_image(img, boxes, scores[:5])
   with pytest.raises(ValueError, match="at most max_objects=100"):
     P.ChatRexProcessor(box_overflow="raise").preprocess_image(img, boxes)
   with pytest.raises(ValueError, match="non-finite"):

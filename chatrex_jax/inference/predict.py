@@ -7,7 +7,13 @@
   chatrex-jax predict --upn upn_large.pth --image photo.jpg --prompt-type coarse --out props.png
 
 Boxes files are JSON: a list of [x1, y1, x2, y2] in original-image pixels, or
-{"boxes": [...]}. Without --checkpoint only the UPN proposals are computed and drawn.
+{"boxes": [...], "scores": [...]} (scores optional). Without --checkpoint only the UPN proposals
+are computed and drawn.
+
+ChatRex has 100 object tags: with more boxes, 100 are kept - the highest-scoring when scores are
+known (UPN proposals, or a boxes file with scores; UPN's come sorted, so these are its first
+100), else the first 100 (RexSeek's evaluation rule). A warning says so, and the JSON output's
+"box_overflow" field ({given, kept, dropped, rule}) and "notes" record it.
 """
 from __future__ import annotations
 
@@ -21,16 +27,23 @@ import numpy as np
 TASKS = ("detect", "refer", "count", "region_caption", "grounded_caption", "chat")
 
 
-def read_boxes(path) -> np.ndarray:
+def read_boxes(path) -> tuple[np.ndarray, np.ndarray | None]:
+  """A boxes file -> (boxes float64 [N, 4], scores float64 [N] or None)."""
   data = json.loads(pathlib.Path(path).read_text())
+  scores = None
   if isinstance(data, dict):
     if "boxes" not in data:
       raise ValueError(f"{path}: a JSON object needs a 'boxes' field")
+    scores = data.get("scores")
     data = data["boxes"]
   boxes = np.asarray(data, np.float64).reshape(-1, 4) if len(data) else np.zeros((0, 4))
   if not np.isfinite(boxes).all():
     raise ValueError(f"{path}: non-finite box coordinates")
-  return boxes
+  if scores is not None:
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    if scores.shape[0] != boxes.shape[0] or not np.isfinite(scores).all():
+      raise ValueError(f"{path}: 'scores' must be {boxes.shape[0]} finite numbers, one per box")
+  return boxes, scores
 
 
 def upn_proposals(upn_path, image, prompt_type: str, min_score: float, nms: float, config: str = "large"):
@@ -83,18 +96,24 @@ def main(argv=None) -> int:
   from chatrex_jax.inference.processor import load_image
   from PIL import Image
   image = Image.fromarray(load_image(args.image).rgb)
+  scores = None
   if args.upn:
-    boxes, _ = upn_proposals(args.upn, image, args.prompt_type, args.min_score, args.nms, args.upn_config)
+    boxes, scores = upn_proposals(args.upn, image, args.prompt_type, args.min_score, args.nms,
+                                  args.upn_config)
   elif args.boxes:
-    boxes = read_boxes(args.boxes)
+    boxes, scores = read_boxes(args.boxes)
   else:
     boxes = np.zeros((0, 4))
 
   from chatrex_jax.inference.pipeline import ChatRexPipeline
+  from chatrex_jax.inference.processor import select_boxes
   pipe = ChatRexPipeline.from_checkpoint(args.checkpoint)
-  pred = pipe.run(image, args.task, boxes=boxes, objects=_objects(args.task, args.query),
-                  granularity=args.granularity, text=args.text, max_new_tokens=args.max_new_tokens)
+  pred = pipe.run(image, args.task, boxes=boxes, scores=scores,
+                  objects=_objects(args.task, args.query), granularity=args.granularity,
+                  text=args.text, max_new_tokens=args.max_new_tokens)
   result = pred.to_dict()
+  # the same selection the processor made (it warned and noted it in pred.notes)
+  result["box_overflow"] = select_boxes(boxes, scores, pipe.processor.max_objects).to_dict()
   print(pred.answer)
   print(json.dumps(result["parsed"]))
   if args.json:
