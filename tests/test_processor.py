@@ -371,6 +371,39 @@ def test_task_questions():
       q(**bad)
 
 
+def test_demo_question_builder():
+  """The official gradio demo's question_creater: split at ",", strip, join with "; "."""
+  assert prompts.join_query("dog,cat") == "dog; cat"
+  assert prompts.join_query(" dog , red car ") == "dog; red car"
+  assert prompts.join_query("person; pigeon") == "person; pigeon"  # no comma: unchanged
+  assert prompts.join_query("dog,,cat") == "dog; ; cat"  # empty pieces kept, as the demo
+  assert prompts.join_query("<obj1>,<obj2>") == "<obj1>; <obj2>"
+  assert prompts.region_indices("0,2") == [0, 2]
+  assert prompts.region_indices("<obj1>,<obj2>") == [1, 2]
+  assert prompts.region_indices(" <obj3> ; 0 5") == [3, 0, 5]
+  assert prompts.region_indices([4, "<obj1>"]) == [4, 1] and prompts.region_indices(7) == [7]
+  for bad in ("", "dog", "<obj1", "1>", "-1", "1.5", "<obj>"):
+    with pytest.raises(ValueError):
+      prompts.region_indices(bad)
+  # region captions: the demo's "<obj1>,<obj2>" and integers give the same question
+  q = prompts.question
+  want = ("Can you provide me with a brief description of <obj1>; <obj2>? Answer the question "
+          "with brief description.")
+  for query in ("<obj1>,<obj2>", "1,2", "1 2"):
+    assert q("region_caption", prompts.region_indices(query), granularity="brief") == want
+  # chat: the grounded-format prefix, or the question verbatim (the demo's raw question box)
+  text = "This is my room, what kind of person am I?  "
+  assert q("chat", text=text) == "Answer the question in grounded format. " + text
+  assert q("chat", text=text, raw=True) == text
+  with pytest.raises(ValueError, match="chat"):
+    q("detect", "cat", raw=True)
+  from chatrex_jax.inference import predict
+  assert predict.default_prompt_type("chat") == "coarse"
+  assert {predict.default_prompt_type(t) for t in predict.TASKS if t != "chat"} == {"fine"}
+  assert predict.objects_from_query("detect", "dog,cat") == "dog; cat"
+  assert predict.objects_from_query("region_caption", "<obj0>,<obj2>") == [0, 2]
+
+
 # name -> (count, first element, sha256[:16] of "\n".join(list)) of the official lists at ChatRex
 # HEAD b98028c (chatrex/tools/prompt_templates.py, unchanged since 40e6401).
 OFFICIAL_LISTS_AT_HEAD = {

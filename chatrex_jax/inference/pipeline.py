@@ -104,10 +104,13 @@ class ChatRexPipeline:
             for q, a, s in zip(questions, answers, samples)]
 
   def run(self, image, task: str = "detect", *, boxes=None, scores=None, objects=None,
-          granularity=None, text=None, variant: int = 0, **kw) -> Prediction:
-    """One image, one task with the official prompt (see `inference.prompts.question`).
-    boxes [N, 4] original-image xyxy; scores [N] or None (see `run_batch`)."""
+          granularity=None, text=None, variant: int = 0, raw_question: bool = False,
+          **kw) -> Prediction:
+    """One image, one task with the official prompt (see `inference.prompts.question`;
+    raw_question: task "chat" sends text verbatim). boxes [N, 4] original-image xyxy; scores
+    [N] or None (see `run_batch`)."""
     from chatrex_jax.inference import prompts
-    question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text)
+    question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
+                                raw=raw_question)
     return self.run_batch([image], [question], [np.zeros((0, 4)) if boxes is None else boxes],
                           scores=[scores], **kw)[0]

@@ -558,14 +558,16 @@ class ChatRexProcessor:
 
   def process_task(self, image: ImageInput, task: str, boxes=None, *, objects=None,
                    granularity: str | None = None, text: str | None = None,
-                   variant: int = 0) -> ProcessedSample:
+                   variant: int = 0, raw_question: bool = False, scores=None) -> ProcessedSample:
     """`process` with the official question of a task (`inference.prompts.question`):
     detect / refer / count (objects = categories or expressions), region_caption
     (objects = box indices; granularity category / short_phrase / brief / one_sentence),
-    grounded_caption (granularity brief / detailed), chat (text = the question)."""
+    grounded_caption (granularity brief / detailed), chat (text = the question, prefixed with
+    the grounded-format sentence unless raw_question)."""
     from chatrex_jax.inference import prompts
-    q = prompts.question(task, objects, granularity=granularity, variant=variant, text=text)
-    return self.process(image, q, boxes)
+    q = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
+                         raw=raw_question)
+    return self.process(image, q, boxes, scores=scores)
 
   @staticmethod
   def parse(answer: str, sample: ProcessedSample, **kwargs):

@@ -13,6 +13,7 @@ one element (16 and 21 elements instead of 17 and 22); 40e6401 added the commas.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 from chatrex_jax.data import constants as C
@@ -249,6 +250,38 @@ def join_objects(objects: str | int | Iterable[str | int]) -> str:
   return "; ".join(parts)
 
 
+def join_query(query: str) -> str:
+  """The [OBJ] text the official gradio demo builds from its "object ids & cates" box
+  (`question_creater`): split at ",", strip each piece, join with "; ". "dog,cat" ->
+  "dog; cat"; "person; pigeon" stays; empty pieces are kept as the demo keeps them
+  ("dog,,cat" -> "dog; ; cat")."""
+  return "; ".join(part.strip() for part in str(query).split(","))
+
+
+_REGION_TOKEN_RE = re.compile(r"<obj(\d+)>|(\d+)")
+
+
+def region_indices(query: str | int | Iterable[str | int]) -> list[int]:
+  """Box indices for a region caption: "0,2", "0 2", "0; 2", "<obj1>,<obj2>" (the gradio
+  demo's form) or a mix -> [0, 2] / [1, 2]; ints pass through. Order and repeats are kept, as
+  the demo would put them in the question. Raises ValueError on anything else."""
+  if isinstance(query, int):
+    return [query]
+  if not isinstance(query, str):
+    return [i for q in query for i in region_indices(q)]
+  out = []
+  for token in re.split(r"[,;\s]+", query.strip()):
+    if not token:
+      continue
+    m = _REGION_TOKEN_RE.fullmatch(token)
+    if m is None:
+      raise ValueError(f"region index {token!r} is neither an integer nor <objK> (in {query!r})")
+    out.append(int(m.group(1) or m.group(2)))
+  if not out:
+    raise ValueError(f"no box index in {query!r}")
+  return out
+
+
 def templates(task: str, granularity: str | None = None) -> list[str]:
   """All variants of a task's prompt (element [0] is the one used at inference)."""
   if task not in TASKS:
@@ -266,18 +299,24 @@ def templates(task: str, granularity: str | None = None) -> list[str]:
 
 
 def question(task: str, objects: str | int | Sequence[str | int] | None = None,
-             granularity: str | None = None, variant: int = 0, text: str | None = None) -> str:
+             granularity: str | None = None, variant: int = 0, text: str | None = None,
+             raw: bool = False) -> str:
   """The question text of a task.
 
-  detect / refer / count: objects = categories or referring expressions ("person; pigeon").
+  detect / refer / count: objects = categories or referring expressions ("person; pigeon";
+  `join_query` turns the demo's "dog,cat" into that form).
   region_caption: objects = box indices (ints -> `<objK>`) or `<objK>` strings.
   grounded_caption: no objects.  chat: text = the user question, prefixed with
-  GROUNDED_CONVERSATION_PREFIX.  variant picks a paraphrase (0 = the official default).
+  GROUNDED_CONVERSATION_PREFIX (the official grounded-conversation test), or sent verbatim with
+  raw=True (the gradio demo's "Raw Question Input").  variant picks a paraphrase (0 = the
+  official default).
   """
+  if raw and task != "chat":
+    raise ValueError(f"raw=True sends text verbatim and applies to task 'chat' only, not {task!r}")
   if task == "chat":
     if text is None:
       raise ValueError("task 'chat' needs text=<the question>")
-    return GROUNDED_CONVERSATION_PREFIX + text
+    return text if raw else GROUNDED_CONVERSATION_PREFIX + text
   variants = templates(task, granularity)
   if not 0 <= variant < len(variants):
     raise ValueError(f"variant {variant} outside [0, {len(variants)}) for task {task!r}")
