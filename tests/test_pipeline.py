@@ -120,8 +120,9 @@ def test_predict_cli_official_demo_questions(checkpoint, tmp_path, monkeypatch):
 
   def run(*extra):
     out_json = tmp_path / "pred.json"
-    rc = predict.main(["--checkpoint", str(checkpoint), "--image", str(img), "--max-new-tokens", "1",
-                       "--out", str(tmp_path / "pred.png"), "--json", str(out_json), *extra])
+    rc = predict.main(["--checkpoint", str(checkpoint), "--image", str(img),
+                       "--max-new-tokens", "1", "--out", str(tmp_path / "pred.png"),
+                       "--json", str(out_json), *extra])
     assert rc == 0
     return json.loads(out_json.read_text())
 

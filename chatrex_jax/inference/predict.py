@@ -2,8 +2,8 @@
 
   chatrex-jax predict --checkpoint DIR --image photo.jpg --task detect --query "person,pigeon" \
       --upn upn_large.pth --out pred.png
-  chatrex-jax predict --checkpoint DIR --image photo.jpg --task region_caption --query "<obj0>,<obj2>" \
-      --granularity brief --boxes boxes.json
+  chatrex-jax predict --checkpoint DIR --image photo.jpg --task region_caption \
+      --query "<obj0>,<obj2>" --granularity brief --boxes boxes.json
   chatrex-jax predict --checkpoint DIR --image room.jpg --task chat --upn upn_large.pth \
       --text "What kind of person lives here?"
   chatrex-jax predict --upn upn_large.pth --image photo.jpg --prompt-type coarse --out props.png

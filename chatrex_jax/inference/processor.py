@@ -380,7 +380,8 @@ def select_boxes(boxes, scores=None, max_objects: int = C.MAX_NUM_OBJECTS) -> Bo
     if s.shape[0] != n:
       raise ValueError(f"{s.shape[0]} scores for {n} boxes")
     # stable sort: among equal scores the earlier box wins; then back to input order
-    idx, rule = np.sort(np.argsort(-s, kind="stable")[:max_objects]).astype(np.int64), "highest_score"
+    idx = np.sort(np.argsort(-s, kind="stable")[:max_objects]).astype(np.int64)
+    rule = "highest_score"
   return BoxSelection(b[idx], idx, n, rule)
 
 
