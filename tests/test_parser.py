@@ -20,20 +20,18 @@ BOXES = np.array([[10, 20, 30, 40], [0, 0, 5, 5], [100, 50, 120, 90], [1, 2, 3, 
 
 
 def official_visualizer_pairs(text, input_boxes):
-  """(label, box index) pairs that visualize_chatrex_output draws."""
+  """(label, box index) pairs that visualize_chatrex_output draws, in drawing order
+  (convert_all_cate_prediction_to_ans: a group with no new tag string is skipped, a kept phrase
+  stores its whole tag list, the first occurrence of a phrase wins; then obj_idx < N)."""
   pattern = r"<ground>(.*?)<\/ground><objects>(.*?)<\/objects>"
-  ans = {}
+  ans, seen = {}, set()
   for ground, objects in re.findall(pattern, text):
-    ground = ground.strip()
     tags = re.findall(r"<obj\d+>", objects)
-    if ground not in ans:
-      ans[ground] = tags
-  pairs = []
-  for k, v in ans.items():
-    for box in v:
-      idx = int(box[4:-1])
-      if idx < len(input_boxes):
-        pairs.append((k, idx))
+    fresh = [t for t in tags if t not in seen]
+    seen.update(tags)
+    if fresh and ground.strip() not in ans:
+      ans[ground.strip()] = tags
+  pairs = [(k, int(t[4:-1])) for k, v in ans.items() for t in v if int(t[4:-1]) < len(input_boxes)]
   return pairs, ans
 
 
@@ -129,20 +127,103 @@ def test_out_of_range_and_duplicates():
 def test_repeated_phrases():
   text = ("<ground>man</ground><objects><obj0></objects> and <ground>man</ground><objects><obj1>"
           "</objects> <ground>dog</ground><objects><obj0></objects>")
+  # Official: the second "man" is a repeat, and "dog" only reuses <obj0>, so it is skipped.
   first = PR.parse_grounded(text, BOXES)
-  assert [(p.phrase, p.indices) for p in first.phrases] == [("man", [0]), ("dog", [0])]
-  assert [d.reason for d in first.dropped] == ["repeated_phrase"]
-  merged = PR.parse_grounded(text, BOXES, repeated="merge")
+  assert [(p.phrase, p.indices) for p in first.phrases] == [("man", [0])]
+  assert [d.reason for d in first.dropped] == ["repeated_phrase",
+                                               "all_indices_used_by_earlier_phrases"]
+  # reused="keep": every group judged on its own (the previous default).
+  free = PR.parse_grounded(text, BOXES, reused="keep")
+  assert [(p.phrase, p.indices) for p in free.phrases] == [("man", [0]), ("dog", [0])]
+  assert [d.reason for d in free.dropped] == ["repeated_phrase"]
+  merged = PR.parse_grounded(text, BOXES, repeated="merge", reused="keep")
   assert [(p.phrase, p.indices) for p in merged.phrases] == [("man", [0, 1]), ("dog", [0])]
   np.testing.assert_array_equal(merged.phrases[0].boxes, BOXES[[0, 1]])
-  keep = PR.parse_grounded(text, BOXES, repeated="keep")
+  keep = PR.parse_grounded(text, BOXES, repeated="keep", reused="keep")
   assert [(p.phrase, p.indices) for p in keep.phrases] == [("man", [0]), ("man", [1]), ("dog", [0])]
-  excl = PR.parse_grounded(text, BOXES, exclusive_indices=True)
+  keep_official = PR.parse_grounded(text, BOXES, repeated="keep")
+  assert [(p.phrase, p.indices) for p in keep_official.phrases] == [("man", [0]), ("man", [1])]
+  excl = PR.parse_grounded(text, BOXES, reused="exclusive")
   assert [(p.phrase, p.indices) for p in excl.phrases] == [("man", [0])]
   assert [d.reason for d in excl.dropped] == ["repeated_phrase", "no_valid_indices",
                                               "index_used_by_earlier_phrase"]  # by position
   with pytest.raises(ValueError):
     PR.parse_grounded(text, repeated="all")
+  with pytest.raises(ValueError):
+    PR.parse_grounded(text, reused="drop")
+
+
+# A grounded-conversation answer in the README's style (prose with inline groups), 8 input
+# boxes; several phrases share tags.
+CONVERSATION = (
+    "The <ground>woman</ground><objects><obj2></objects> holds a <ground>leash</ground><objects>"
+    "<obj5></objects> tied to a <ground>dog</ground><objects><obj1><obj4></objects>. The "
+    "<ground>pet</ground><objects><obj1></objects> seems calm, and both <ground>animals</ground>"
+    "<objects><obj1><obj3></objects> face the <ground>window</ground><objects><obj7><obj12>"
+    "</objects>. A <ground>toy</ground><objects><obj3><obj15></objects> lies near the <ground>"
+    "woman</ground><objects><obj6></objects>, so the <ground>lady</ground><objects><obj2><obj6>"
+    "</objects> likely owns a <ground>shelf</ground><objects><obj12><obj0></objects> of books.")
+
+
+def test_grounded_conversation_official_rule():
+  boxes = BOXES[[0, 1, 2, 3, 4, 5, 0, 1]]  # 8 boxes
+  r = PR.parse_grounded(CONVERSATION, boxes)
+  got = [(p.phrase, p.indices) for p in r.phrases]
+  assert got == [("woman", [2]), ("leash", [5]), ("dog", [1, 4]),
+                 # some new tags -> the full list, reused <obj1> included
+                 ("animals", [1, 3]),
+                 ("window", [7]),
+                 # the only new tag (<obj15>) is out of range: kept, draws the reused <obj3>
+                 ("toy", [3]),
+                 # <obj12> was seen (out of range) in "window"; <obj0> is new
+                 ("shelf", [0])]
+  for p in r.phrases:
+    np.testing.assert_array_equal(p.boxes, boxes[p.indices])
+  want, _ = official_visualizer_pairs(CONVERSATION, boxes)
+  assert [(p.phrase, i) for p in r.phrases for i in p.indices] == want
+  skipped = [(d.reason, CONVERSATION[d.span[0]:d.span[1]]) for d in r.dropped]
+  assert skipped == [
+      ("all_indices_used_by_earlier_phrases", "<ground>pet</ground><objects><obj1></objects>"),
+      ("index_out_of_range", "<obj12>"),
+      ("index_out_of_range", "<obj15>"),
+      ("repeated_phrase", "<ground>woman</ground><objects><obj6></objects>"),
+      # "lady" only reuses <obj2> ("woman") and <obj6> (the skipped repeat of "woman")
+      ("all_indices_used_by_earlier_phrases",
+       "<ground>lady</ground><objects><obj2><obj6></objects>"),
+      ("index_out_of_range", "<obj12>")]
+  json.dumps(PR.to_json(r))
+
+
+def test_reused_tags_edge_cases():
+  # A phrase whose tags were all used before is skipped even if the phrase is new ...
+  r = PR.parse_grounded("<ground>a</ground><objects><obj0><obj1></objects>"
+                        "<ground>b</ground><objects><obj1><obj0></objects>", BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("a", [0, 1])]
+  # ... a phrase with one new tag keeps its whole list (in its own order) ...
+  r = PR.parse_grounded("<ground>a</ground><objects><obj0><obj1></objects>"
+                        "<ground>b</ground><objects><obj1><obj2><obj0></objects>", BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("a", [0, 1]), ("b", [1, 2, 0])]
+  # ... a repeated phrase keeps its first occurrence, whose indices were all out of range
+  # (official: the dict holds it, nothing is drawn); a group without tags holds nothing.
+  r = PR.parse_grounded("<ground>a</ground><objects></objects>"
+                        "<ground>c</ground><objects><obj9></objects>"
+                        "<ground>c</ground><objects><obj1></objects>"
+                        "<ground>a</ground><objects><obj2></objects>", BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("a", [2])]
+  assert [d.reason for d in r.dropped] == ["no_valid_indices", "no_valid_indices",
+                                           "index_out_of_range", "repeated_phrase"]  # by start
+  assert "held" in r.dropped[3].detail
+  # reused="keep" keeps the old choice for that case: the later "c" is used.
+  r = PR.parse_grounded("<ground>c</ground><objects><obj9></objects>"
+                        "<ground>c</ground><objects><obj1></objects>", BOXES, reused="keep")
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("c", [1])]
+  # Tags are compared as strings, as the official list membership test does.
+  r = PR.parse_grounded("<ground>a</ground><objects><obj1></objects>"
+                        "<ground>b</ground><objects><obj01></objects>", BOXES)
+  assert [(p.phrase, p.indices) for p in r.phrases] == [("a", [1]), ("b", [1])]
+  # Within one group a repeated tag is kept once (the official list would draw it twice).
+  r = PR.parse_grounded("<ground>a</ground><objects><obj1><obj1></objects>", BOXES)
+  assert r.phrases[0].indices == [1] and [d.reason for d in r.dropped] == ["duplicate_index"]
 
 
 def test_spaced_variant_and_stray_text():
@@ -201,7 +282,8 @@ def _check_invariants(text, r, limit):
 @given(anything, st.integers(0, 6))
 def test_never_crashes_and_reports(text, n):
   boxes = BOXES[:n]
-  for kw in ({}, {"repeated": "merge"}, {"repeated": "keep"}, {"exclusive_indices": True}):
+  for kw in ({}, {"repeated": "merge"}, {"repeated": "keep"}, {"reused": "keep"},
+             {"reused": "exclusive"}, {"repeated": "merge", "reused": "keep"}):
     r = PR.parse_grounded(text, boxes, **kw)
     _check_invariants(text, r, n)
     for p in r.phrases:
@@ -215,16 +297,15 @@ def test_never_crashes_and_reports(text, n):
 @settings(max_examples=300, deadline=None)
 @given(structured, st.integers(0, 6))
 def test_agrees_with_official_visualiser(text, n):
-  """Same (phrase, box) pairs as ChatRex's visualiser, except the documented differences:
-  the spaced fallback and a phrase whose first group has no usable index."""
+  """Same (phrase, box) pairs, in the same order, as ChatRex's visualiser; the only differences
+  are the spaced fallback and an index repeated inside one group (drawn once here)."""
   r = PR.parse_grounded(text, BOXES[:n])
   if r.used_spaced_variant:
     assert not re.findall(r"<ground>(.*?)</ground><objects>(.*?)</objects>", text)
     return
-  want, ans = official_visualizer_pairs(text, BOXES[:n])
-  useless_first = {k for k, v in ans.items() if not any(int(t[4:-1]) < n for t in v)}
-  got = {(p.phrase, i) for p in r.phrases for i in p.indices if p.phrase not in useless_first}
-  assert got == set(want)
+  want, _ = official_visualizer_pairs(text, BOXES[:n])
+  got = [(p.phrase, i) for p in r.phrases for i in p.indices]
+  assert got == list(dict.fromkeys(want))
 
 
 @settings(max_examples=300, deadline=None)

@@ -69,3 +69,82 @@ def test_predict_cli_writes_answer_json_and_png(checkpoint, tmp_path, capsys):
   assert result["boxes"] == [[5, 5, 40, 30], [20, 10, 80, 50]]
   assert {"phrases", "dropped", "rejected"} <= set(result["parsed"])
   assert Image.open(out_png).size == (90, 60)
+
+
+def test_predict_cli_reports_dropped_boxes(checkpoint, tmp_path):
+  """More boxes than the 100 object tags: the highest-scoring 100 are kept, with one warning,
+  a note in Prediction.notes and the JSON's box_overflow field."""
+  import json
+  from chatrex_jax.inference import predict
+  from chatrex_jax.inference.processor import BoxOverflowWarning
+  img = tmp_path / "in.png"
+  _image(4, 90, 60).save(img)
+  rng = np.random.default_rng(0)
+  xy = rng.uniform(0, 40, (103, 2))
+  boxes = np.concatenate([xy, xy + rng.uniform(5, 40, (103, 2))], 1).round(1)
+  scores = rng.uniform(0.3, 0.9, 103)
+  low = np.argsort(scores)[:3]
+  path = tmp_path / "boxes.json"
+  path.write_text(json.dumps({"boxes": boxes.tolist(), "scores": scores.tolist()}))
+  out_json = tmp_path / "pred.json"
+  with pytest.warns(BoxOverflowWarning) as caught:
+    rc = predict.main(["--checkpoint", str(checkpoint), "--image", str(img), "--task", "detect",
+                       "--query", "dot", "--boxes", str(path), "--max-new-tokens", "2",
+                       "--out", str(tmp_path / "pred.png"), "--json", str(out_json)])
+  assert rc == 0 and len(caught) == 1
+  result = json.loads(out_json.read_text())
+  assert result["box_overflow"] == {"given": 103, "kept": 100, "dropped": 3,
+                                    "rule": "highest_score"}
+  assert [n for n in result["notes"] if "dropped" in n] == [str(caught[0].message)]
+  kept = [i for i in range(103) if i not in low]
+  np.testing.assert_allclose(result["boxes"], boxes[kept])
+
+
+def test_predict_cli_official_demo_questions(checkpoint, tmp_path, monkeypatch):
+  """--query as the gradio demo ("dog,cat" -> "dog; cat", "<obj1>,<obj0>"), --raw-question,
+  and the UPN prompt per task (coarse for chat, fine otherwise; UPN stubbed)."""
+  import json
+  from chatrex_jax.inference import predict
+  from chatrex_jax.inference.processor import BoxOverflowWarning
+  img = tmp_path / "in.png"
+  _image(5, 80, 64).save(img)
+  calls = []
+  n = 103  # more proposals than tags: UPN scores come sorted, so the first 100 are kept
+  props = np.asarray([[i % 50, i % 30, i % 50 + 20, i % 30 + 20] for i in range(n)], np.float64)
+
+  def fake_upn(path, image, prompt_type, min_score, nms, config):
+    calls.append(prompt_type)
+    return props, np.round(np.linspace(0.9, 0.3, n), 2)
+
+  monkeypatch.setattr(predict, "upn_proposals", fake_upn)
+
+  def run(*extra):
+    out_json = tmp_path / "pred.json"
+    rc = predict.main(["--checkpoint", str(checkpoint), "--image", str(img),
+                       "--max-new-tokens", "1", "--out", str(tmp_path / "pred.png"),
+                       "--json", str(out_json), *extra])
+    assert rc == 0
+    return json.loads(out_json.read_text())
+
+  with pytest.warns(BoxOverflowWarning):
+    r = run("--task", "chat", "--upn", "upn.pth", "--text", "Who lives here?  ", "--raw-question")
+  assert calls == ["coarse"] and r["question"] == "Who lives here?  "
+  assert r["box_overflow"] == {"given": n, "kept": 100, "dropped": 3, "rule": "highest_score"}
+  np.testing.assert_array_equal(r["boxes"], props[:100])
+  with pytest.warns(BoxOverflowWarning):
+    r = run("--task", "detect", "--upn", "upn.pth", "--query", "dog, cat ,red car")
+  assert calls == ["coarse", "fine"]
+  assert r["question"] == ("Please detect dog; cat; red car in this image. Answer the question "
+                           "with object indexes.")
+  boxes = tmp_path / "boxes.json"
+  boxes.write_text(json.dumps([[5, 5, 40, 30], [20, 10, 70, 50]]))
+  r = run("--task", "region_caption", "--boxes", str(boxes), "--query", "<obj1>,<obj0>",
+          "--granularity", "brief")
+  assert r["question"].startswith("Can you provide me with a brief description of <obj1>; <obj0>?")
+  assert r["box_overflow"] == {"given": 2, "kept": 2, "dropped": 0, "rule": None}
+  for bad in (["--task", "detect", "--query", "dog", "--raw-question"],
+              ["--task", "region_caption", "--boxes", str(boxes), "--query", "0,2"],
+              ["--task", "region_caption", "--boxes", str(boxes), "--query", "dog"],
+              ["--task", "chat"]):
+    with pytest.raises(SystemExit):
+      predict.main(["--checkpoint", str(checkpoint), "--image", str(img), *bad])

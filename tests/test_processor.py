@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pathlib
+import warnings
 
 import numpy as np
 import pytest
@@ -277,10 +278,36 @@ def test_box_policy():
   img = np.zeros((10, 20, 3), np.uint8)
   boxes = np.tile(np.array([[0, 0, 5, 5]], np.float32), (103, 1))
   boxes[:, 2] += np.arange(103)
-  out = P.ChatRexProcessor().preprocess_image(img, boxes)
+  # No scores: the first 100 (RexSeek evaluate_rexseek.py), one warning, one note.
+  with pytest.warns(P.BoxOverflowWarning) as caught:
+    out = P.ChatRexProcessor().preprocess_image(img, boxes)
+  assert len(caught) == 1 and "3 of 103 boxes dropped (rule 'first'" in str(caught[0].message)
   assert out.boxes.shape == (100, 4) and out.num_boxes_dropped == 3
   np.testing.assert_array_equal(out.boxes_original, boxes[:100])
-  assert any("3 boxes" in n for n in out.notes)
+  assert [n for n in out.notes if "dropped" in n] == [str(caught[0].message)]
+  assert out.box_selection.to_dict() == {"given": 103, "kept": 100, "dropped": 3, "rule": "first"}
+  # Scores: the 100 highest-scoring, in input order (ties: the earlier box).
+  scores = np.linspace(1, 0.5, 103)
+  scores[5] = -1.0
+  scores[100:] = 0.1  # a three-way tie at the cut: 100 stays, 101 and 102 go
+  with pytest.warns(P.BoxOverflowWarning, match="rule 'highest_score'"):
+    out = P.ChatRexProcessor().preprocess_image(img, boxes, scores)
+  keep = [i for i in range(103) if i not in (5, 101, 102)]
+  np.testing.assert_array_equal(out.box_selection.indices, keep)
+  np.testing.assert_array_equal(out.boxes_original, boxes[keep])
+  np.testing.assert_array_equal(out.boxes, P.transform_boxes(boxes[keep], (20, 10)))
+  # Sorted scores (UPN proposals) keep the first 100, as without scores.
+  sorted_sel = P.select_boxes(boxes, np.round(np.linspace(0.9, 0.3, 103), 2))
+  np.testing.assert_array_equal(sorted_sel.indices, np.arange(100))
+  assert sorted_sel.rule == "highest_score"
+  # At or under the cap nothing is dropped and nothing is said.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = P.ChatRexProcessor().preprocess_image(img, boxes[:100], scores[:100])
+  assert out.num_boxes_dropped == 0 and out.box_selection.rule is None
+  assert not any("dropped" in n for n in out.notes)
+  with pytest.raises(ValueError, match="scores for"):
+    P.ChatRexProcessor().preprocess_image(img, boxes, scores[:5])
   with pytest.raises(ValueError, match="at most max_objects=100"):
     P.ChatRexProcessor(box_overflow="raise").preprocess_image(img, boxes)
   with pytest.raises(ValueError, match="non-finite"):
@@ -344,22 +371,87 @@ def test_task_questions():
       q(**bad)
 
 
+def test_demo_question_builder():
+  """The official gradio demo's question_creater: split at ",", strip, join with "; "."""
+  assert prompts.join_query("dog,cat") == "dog; cat"
+  assert prompts.join_query(" dog , red car ") == "dog; red car"
+  assert prompts.join_query("person; pigeon") == "person; pigeon"  # no comma: unchanged
+  assert prompts.join_query("dog,,cat") == "dog; ; cat"  # empty pieces kept, as the demo
+  assert prompts.join_query("<obj1>,<obj2>") == "<obj1>; <obj2>"
+  assert prompts.region_indices("0,2") == [0, 2]
+  assert prompts.region_indices("<obj1>,<obj2>") == [1, 2]
+  assert prompts.region_indices(" <obj3> ; 0 5") == [3, 0, 5]
+  assert prompts.region_indices([4, "<obj1>"]) == [4, 1] and prompts.region_indices(7) == [7]
+  for bad in ("", "dog", "<obj1", "1>", "-1", "1.5", "<obj>"):
+    with pytest.raises(ValueError):
+      prompts.region_indices(bad)
+  # region captions: the demo's "<obj1>,<obj2>" and integers give the same question
+  q = prompts.question
+  want = ("Can you provide me with a brief description of <obj1>; <obj2>? Answer the question "
+          "with brief description.")
+  for query in ("<obj1>,<obj2>", "1,2", "1 2"):
+    assert q("region_caption", prompts.region_indices(query), granularity="brief") == want
+  # chat: the grounded-format prefix, or the question verbatim (the demo's raw question box)
+  text = "This is my room, what kind of person am I?  "
+  assert q("chat", text=text) == "Answer the question in grounded format. " + text
+  assert q("chat", text=text, raw=True) == text
+  with pytest.raises(ValueError, match="chat"):
+    q("detect", "cat", raw=True)
+  from chatrex_jax.inference import predict
+  assert predict.default_prompt_type("chat") == "coarse"
+  assert {predict.default_prompt_type(t) for t in predict.TASKS if t != "chat"} == {"fine"}
+  assert predict.objects_from_query("detect", "dog,cat") == "dog; cat"
+  assert predict.objects_from_query("region_caption", "<obj0>,<obj2>") == [0, 2]
+
+
+# name -> (count, first element, sha256[:16] of "\n".join(list)) of the official lists at ChatRex
+# HEAD b98028c (chatrex/tools/prompt_templates.py, unchanged since 40e6401).
+OFFICIAL_LISTS_AT_HEAD = {
+    "REGION_CAPTION_SINGLE_REGION_FREE_FORMAT_CATEGORY_NAME_STAGE2": (
+        21, "What is the category name of [OBJ]? Answer the question with its category name in "
+        "free format.", "1ea069ae7b988f23"),
+    "REGION_CAPTION_SINGLE_REGION_SHORT_PHRASE_STAGE2": (
+        20, "Can you provide me with a short phrase to describe [OBJ]? Answer the question with a "
+        "short phrase.", "6327cd21c6f18456"),
+    "REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2": (
+        17, "Can you provide me with a brief description of [OBJ]? Answer the question with brief "
+        "description.", "9621994fe8eee584"),
+    "REGION_CAPTION_ONE_SENTENCE_STAGE2": (
+        18, "Can you provide a one sentence description of [OBJ] in the image? Answer the question "
+        "with a one sentence description.", "59ab78fe58b700d0"),
+    "COUNTING_SINGLE_REGION_STAGE2": (
+        10, "How many [OBJ] are there in this image? Answer the question with the number of "
+        "objects and locate them with object indexes.", "31accd1e8a6b93c8"),
+    "GROUNDING_SINGLE_REGION_STAGE2": (
+        21, "Please detect [OBJ] in this image. Answer the question with object indexes.",
+        "625aa097a1a160be"),
+    "BREIF_CAPTION_WITH_GROUDING_STAGE2": (
+        22, "Please breifly describe this image in one sentence and detect all the mentioned "
+        "objects. Answer the question with grounded answer.", "1bf00aedc2f8c96f"),
+    "DETAILED_CAPTION_WITH_GROUDING_STAGE2": (
+        21, "Please provide a detailed description of the image and detect all the mentioned "
+        "objects. Answer the question with grounded object indexes.", "e13311bce8f42112"),
+}
+
+
 def test_template_lists():
-  sizes = {"REGION_CAPTION_SINGLE_REGION_FREE_FORMAT_CATEGORY_NAME_STAGE2": 21,
-           "REGION_CAPTION_SINGLE_REGION_SHORT_PHRASE_STAGE2": 20,
-           "REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2": 17,
-           "REGION_CAPTION_ONE_SENTENCE_STAGE2": 18, "COUNTING_SINGLE_REGION_STAGE2": 10,
-           "GROUNDING_SINGLE_REGION_STAGE2": 21, "BREIF_CAPTION_WITH_GROUDING_STAGE2": 22,
-           "DETAILED_CAPTION_WITH_GROUDING_STAGE2": 21}
-  for name, n in sizes.items():
-    variants = prompts.OFFICIAL_NAMES[name]
-    assert len(variants) == n, name
-    assert all("[OBJ]" in v for v in variants) or "CAPTION_WITH" in name
+  import hashlib
+  assert list(prompts.OFFICIAL_NAMES) == list(OFFICIAL_LISTS_AT_HEAD)  # the file's order
+  for name, (n, first, digest) in OFFICIAL_LISTS_AT_HEAD.items():
     official = prompts.official_list(name)
-    assert len(official) == n - (name in prompts._MISSING_COMMA)
-  assert prompts.official_list("BREIF_CAPTION_WITH_GROUDING_STAGE2")[0].endswith(
-      "grounded answer.Please briefly describe this image and detect all the mentioned objects. "
-      "Answer with grounded object indexes.")
+    assert len(official) == n and official[0] == first, name
+    assert hashlib.sha256("\n".join(official).encode()).hexdigest()[:16] == digest, name
+    assert official == prompts.OFFICIAL_NAMES[name]
+    assert all("[OBJ]" in v for v in official) or "CAPTION_WITH" in name
+  # The first commit (1d4363a) joined the first two literals of two lists (missing commas).
+  for name in ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2", "BREIF_CAPTION_WITH_GROUDING_STAGE2"):
+    old = prompts.official_list(name, revision="1d4363a")
+    assert len(old) == OFFICIAL_LISTS_AT_HEAD[name][0] - 1
+    assert old[0] == prompts.OFFICIAL_NAMES[name][0] + prompts.OFFICIAL_NAMES[name][1]
+  assert prompts.official_list("GROUNDING_SINGLE_REGION_STAGE2", revision="1d4363a") == (
+      prompts.GROUNDING)
+  with pytest.raises(ValueError, match="revision"):
+    prompts.official_list("GROUNDING_SINGLE_REGION_STAGE2", revision="v2")
 
 
 # ------------------------------------------------------------------------------------------

@@ -2,26 +2,35 @@
 
 Spec B.10. Two parsers:
 
-* `parse_grounded(text, boxes)` - the visualiser's behaviour (ChatRex `tools/visualize.py`):
-  regex `<ground>(.*?)</ground><objects>(.*?)</objects>` (non-greedy, no DOTALL), phrase
-  `.strip()`, tags `<obj\\d+>`, index = int(tag[4:-1]), indices >= the number of input boxes
-  dropped, a repeated phrase keeps its first occurrence. When the strict pattern finds nothing,
-  the evaluation script's spaced variant (`<ground> x </ground> <objects> ... </objects>`,
-  any number of spaces here) is tried. Options: `repeated="merge"` / `"keep"` instead of
-  `"first"`, and `exclusive_indices=True` for RexSeek's visualiser rule (an index used by an
-  earlier phrase is skipped; a phrase left with none is dropped - RexSeek then stores the
-  *unfiltered* list, a bug not copied: the filtered list is kept).
-  Deliberate difference: a phrase whose first group has no usable index is dropped, so a later
-  group with the same phrase and valid indices is kept (the official dict would keep the
-  useless first one and draw nothing).
+* `parse_grounded(text, boxes)` - the official visualiser's rule, the default for every ChatRex
+  answer the pipeline / `chatrex-jax predict` parse (ChatRex `chatrex/tools/visualize.py`
+  `convert_all_cate_prediction_to_ans` + `visualize_chatrex_output`; RexSeek's visualiser has the
+  same function): regex `<ground>(.*?)</ground><objects>(.*?)</objects>` (non-greedy, no DOTALL),
+  phrase `.strip()`, tags `<obj\\d+>`, index = int(tag[4:-1]). Groups are read in answer order:
+    - a group none of whose tags is new (every tag string already appeared in an earlier group,
+      kept or not) is skipped, and so is a group with no tag at all;
+    - otherwise its phrase, if not seen before, keeps its *full* tag list, reused tags included
+      (`reused="official"`); a repeated phrase keeps its first occurrence;
+    - indices >= the number of input boxes are dropped afterwards (the visualiser's
+      `obj_idx < len(input_boxes)` at drawing time), so they still count as "new" tags for the
+      rule above, and a first occurrence whose indices are all out of range still holds its
+      phrase (nothing is drawn for it, later groups with that phrase are repeats).
+  When the strict pattern finds nothing, the evaluation script's spaced variant
+  (`<ground> x </ground> <objects> ... </objects>`, any number of spaces here) is tried.
+  Differences from the official dict: an index repeated inside one group is kept once (the
+  official list draws the same box twice); the spaced fallback above.
+  Other behaviours, as explicit options: `reused="keep"` (no cross-phrase rule: every group is
+  judged on its own, and a phrase is held only by a group with a usable index),
+  `reused="exclusive"` (an index used by an earlier phrase is removed from later ones, a phrase
+  left with none is dropped); `repeated="merge"` / `"keep"` instead of `"first"`.
   It never raises on any text; everything it ignores is listed in `ParseResult.dropped` with a
-  reason (unclosed / unmatched tags, out-of-range indices, repeated phrases, duplicate indices,
-  stray text inside `<objects>`). Bare `<objK>` outside groups (a free answer such as "it is
-  <obj0>") are reported in `mentions`.
+  reason (unclosed / unmatched tags, out-of-range indices, groups whose tags were all used before,
+  repeated phrases, duplicate indices, stray text inside `<objects>`). Bare `<objK>` outside
+  groups (a free answer such as "it is <obj0>") are reported in `mentions`.
 
 * `parse_first_group(text, boxes)` - RexSeek `evaluate_rexseek.py`: the first phrase's tag list
-  only (no index de-duplication), any out-of-range index or the rejection sentence
-  "There is no such thing in this image" gives the official `[[]]`.
+  only (no index de-duplication, no cross-phrase rule), any out-of-range index or the rejection
+  sentence "There is no such thing in this image" gives the official `[[]]`.
 """
 from __future__ import annotations
 
@@ -71,7 +80,8 @@ class Dropped:
 
 
 REASONS = ("index_out_of_range", "duplicate_index", "index_used_by_earlier_phrase",
-           "repeated_phrase", "no_valid_indices", "malformed_tag", "stray_objects_text")
+           "all_indices_used_by_earlier_phrases", "repeated_phrase", "no_valid_indices",
+           "malformed_tag", "stray_objects_text")
 
 
 @dataclasses.dataclass
@@ -118,17 +128,24 @@ def _tag_index(tag: str) -> int:
 
 def parse_grounded(text: str, boxes=None, *, num_boxes: int | None = None,
                    repeated: Literal["first", "merge", "keep"] = "first",
-                   exclusive_indices: bool = False) -> ParseResult:
+                   reused: Literal["official", "keep", "exclusive"] = "official") -> ParseResult:
   """Parses every grounded group of an answer (visualiser semantics, see module doc).
 
   text: the decoded answer. boxes: [N, 4] input boxes (original-image xyxy) or None;
   num_boxes: the index bound when boxes are not given (default MAX_NUM_OBJECTS).
   repeated: "first" (official: later groups with the same phrase are dropped), "merge" (their
   indices are added to the first occurrence), "keep" (every group is its own entry).
-  exclusive_indices: skip indices already used by an earlier phrase (RexSeek visualiser).
+  reused: how tags used by earlier groups count. "official" (default, ChatRex/RexSeek
+  `convert_all_cate_prediction_to_ans`): a group with no new tag string is skipped, a kept group
+  keeps its full list; "keep": no cross-group rule; "exclusive": an index already given to an
+  earlier phrase is removed from later groups.
+  Returns ParseResult: phrases in answer order of their first (held) occurrence, each with
+  indices [K] and boxes float64 [K, 4].
   """
   if repeated not in ("first", "merge", "keep"):
     raise ValueError(f"repeated must be 'first', 'merge' or 'keep', got {repeated!r}")
+  if reused not in ("official", "keep", "exclusive"):
+    raise ValueError(f"reused must be 'official', 'keep' or 'exclusive', got {reused!r}")
   text = "" if text is None else str(text)
   b = _as_boxes(boxes)
   limit = _limit(b, num_boxes)
@@ -141,7 +158,11 @@ def parse_grounded(text: str, boxes=None, *, num_boxes: int | None = None,
 
   phrases: list[GroundedPhrase] = []
   by_phrase: dict[str, GroundedPhrase] = {}
-  used: set[int] = set()
+  # Official rule: a phrase is held by its first non-skipped group even when none of that
+  # group's indices is in range (the official dict stores it; nothing is drawn for it).
+  held_empty: dict[str, tuple[int, int]] = {}
+  used: set[int] = set()  # reused="exclusive": indices given to earlier phrases
+  seen_tags: set[str] = set()  # reused="official": tag strings of every earlier group
   for m in matches:
     phrase = m.group(1).strip()
     obj_text = m.group(2)
@@ -150,8 +171,18 @@ def parse_grounded(text: str, boxes=None, *, num_boxes: int | None = None,
     if stray:
       dropped.append(Dropped("stray_objects_text", stray, (obj_start, m.end(2)),
                              f"text inside <objects> of {phrase!r} that is not an <objK> tag"))
+    tags = list(OBJ_TAG_RE.finditer(obj_text))
+    if reused == "official":
+      # The official code compares tag strings and records them before its repeated-phrase
+      # check, so even a skipped repeat uses up its tags for later phrases.
+      new_tags = [t.group() for t in tags if t.group() not in seen_tags]
+      seen_tags.update(t.group() for t in tags)
+      if tags and not new_tags:
+        dropped.append(Dropped("all_indices_used_by_earlier_phrases", m.group(), m.span(),
+                               f"{phrase!r}: every tag was already used by an earlier phrase"))
+        continue
     indices: list[int] = []
-    for t in OBJ_TAG_RE.finditer(obj_text):
+    for t in tags:
       idx = _tag_index(t.group())
       span = (obj_start + t.start(), obj_start + t.end())
       if idx >= limit:
@@ -160,27 +191,32 @@ def parse_grounded(text: str, boxes=None, *, num_boxes: int | None = None,
       elif idx in indices:
         dropped.append(Dropped("duplicate_index", t.group(), span,
                                f"{phrase!r}: index {idx} repeated in the same group"))
-      elif exclusive_indices and idx in used:
+      elif reused == "exclusive" and idx in used:
         dropped.append(Dropped("index_used_by_earlier_phrase", t.group(), span,
                                f"{phrase!r}: index {idx} already given to an earlier phrase"))
       else:
         indices.append(idx)
-    if exclusive_indices:
+    if reused == "exclusive":
       used.update(indices)
+    first_span = by_phrase[phrase].span if phrase in by_phrase else held_empty.get(phrase)
     if not indices:
       dropped.append(Dropped("no_valid_indices", m.group(), m.span(),
                              f"{phrase!r} has no usable object index"))
+      if reused == "official" and tags and first_span is None:
+        held_empty[phrase] = m.span()
       continue
-    if repeated != "keep" and phrase in by_phrase:
-      first = by_phrase[phrase]
+    if repeated != "keep" and first_span is not None:
+      first = by_phrase.get(phrase)
       if repeated == "first":
+        why = ("already grounded" if first is not None else
+               "held (with no usable index, as the official visualiser does)")
         dropped.append(Dropped("repeated_phrase", m.group(), m.span(),
-                               f"{phrase!r} already grounded at {first.span}; first kept"))
+                               f"{phrase!r} {why} at {first_span}; first kept"))
         continue
-      new = [i for i in indices if i not in first.indices]
-      first.indices.extend(new)
-      first.boxes = _boxes_for(b, first.indices)
-      continue
+      if first is not None:  # merge into the first occurrence that has indices
+        first.indices.extend(i for i in indices if i not in first.indices)
+        first.boxes = _boxes_for(b, first.indices)
+        continue
     entry = GroundedPhrase(phrase, indices, _boxes_for(b, indices), m.span())
     phrases.append(entry)
     by_phrase.setdefault(phrase, entry)

@@ -29,8 +29,8 @@ class Prediction:
   question: str
   answer: str  # decoded, special tokens kept, stripped (official decode)
   parsed: parser_lib.ParseResult
-  boxes: np.ndarray  # the input boxes (original-image xyxy) the indices refer to
-  notes: list[str]
+  boxes: np.ndarray  # the kept input boxes (original-image xyxy) the indices refer to
+  notes: list[str]  # input policy notes, incl. how many boxes the 100-tag cap dropped and how
 
   def to_dict(self) -> dict:
     return {"question": self.question, "answer": self.answer, "parsed": self.parsed.to_dict(),
@@ -84,12 +84,17 @@ class ChatRexPipeline:
     return texts
 
   def run_batch(self, images: Sequence[Any], questions: Sequence[str], boxes: Sequence[Any], *,
-                max_new_tokens: int = 512, temperature: float = 0.0, top_p: float = 1.0,
-                rng=None) -> list[Prediction]:
-    """Answers one question per image, each about its own boxes (original-image xyxy)."""
-    if not len(images) == len(questions) == len(boxes):
-      raise ValueError(f"got {len(images)} images, {len(questions)} questions, {len(boxes)} box lists")
-    samples = [self.processor.process(img, q, b) for img, q, b in zip(images, questions, boxes)]
+                scores: Optional[Sequence[Any]] = None, max_new_tokens: int = 512,
+                temperature: float = 0.0, top_p: float = 1.0, rng=None) -> list[Prediction]:
+    """Answers one question per image, each about its own boxes (original-image xyxy).
+    scores: per image [N] box scores or None; with more boxes than max_objects the
+    highest-scoring are kept (else the first ones; see `processor.select_boxes`)."""
+    scores = [None] * len(images) if scores is None else list(scores)
+    if not len(images) == len(questions) == len(boxes) == len(scores):
+      raise ValueError(f"got {len(images)} images, {len(questions)} questions, {len(boxes)} box "
+                       f"lists, {len(scores)} score lists")
+    samples = [self.processor.process(img, q, b, scores=sc)
+               for img, q, b, sc in zip(images, questions, boxes, scores)]
     pad = self.processor.tokenizer.pad_token_id
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                               eos_ids=self.eos_ids, pad_id=0 if pad is None else int(pad))
@@ -98,9 +103,14 @@ class ChatRexPipeline:
                        boxes=s.image.boxes_original, notes=s.image.notes)
             for q, a, s in zip(questions, answers, samples)]
 
-  def run(self, image, task: str = "detect", *, boxes=None, objects=None, granularity=None,
-          text=None, variant: int = 0, **kw) -> Prediction:
-    """One image, one task with the official prompt (see `inference.prompts.question`)."""
+  def run(self, image, task: str = "detect", *, boxes=None, scores=None, objects=None,
+          granularity=None, text=None, variant: int = 0, raw_question: bool = False,
+          **kw) -> Prediction:
+    """One image, one task with the official prompt (see `inference.prompts.question`;
+    raw_question: task "chat" sends text verbatim). boxes [N, 4] original-image xyxy; scores
+    [N] or None (see `run_batch`)."""
     from chatrex_jax.inference import prompts
-    question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text)
-    return self.run_batch([image], [question], [np.zeros((0, 4)) if boxes is None else boxes], **kw)[0]
+    question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
+                                raw=raw_question)
+    return self.run_batch([image], [question], [np.zeros((0, 4)) if boxes is None else boxes],
+                          scores=[scores], **kw)[0]

@@ -36,8 +36,13 @@ Input policy (issue 6; each case is either processed or refused with a message):
   * Tiny images (down to 1 x 1) are processed; empty images are refused; images whose square
     canvas would exceed `max_square_side` are refused (the canvas is materialised).
   * Float images / PIL mode F, unknown channel counts: refused (ambiguous value range).
-  * Boxes: at most `max_objects` (100); `box_overflow="truncate"` keeps the first 100 and
-    records how many were dropped, `"raise"` refuses. Non-finite coordinates are refused.
+  * Boxes: at most `max_objects` (100: ChatRex has the object tags <obj0>..<obj99>). With more,
+    `box_overflow="truncate"` keeps 100 (`select_boxes`): the first 100 when no scores are given
+    - the rule of RexSeek's `evaluate_rexseek.py` (`candidate_boxes[:100]`); the ChatRex-7B
+    processor is remote code not in the repositories - or the 100 highest-scoring (kept in input
+    order) when scores are given. UPN proposals come sorted by score, so both rules keep the same
+    boxes for them. Each such call warns once (`BoxOverflowWarning`) and adds a note naming the
+    count and the rule; `"raise"` refuses. Non-finite coordinates or scores are refused.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import warnings
 from fractions import Fraction
 from typing import Any, Literal, Sequence
 
@@ -58,6 +64,10 @@ ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W[, C])
 
 class ImageInputError(ValueError):
   """An image the processor refuses, with the reason."""
+
+
+class BoxOverflowWarning(UserWarning):
+  """More input boxes than object tags: some were dropped (see `select_boxes`)."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -319,6 +329,63 @@ def boxes_to_original(boxes_768, size_wh: tuple[int, int],
 
 
 # ------------------------------------------------------------------------------------------
+# Box cap
+
+
+@dataclasses.dataclass
+class BoxSelection:
+  """The boxes kept under the object-tag cap.
+
+  boxes: float64 [K, 4] kept boxes (input order); indices: int64 [K] their positions in the
+  input; num_given: N; rule: None (nothing dropped), "first" (no scores: the first K, as
+  RexSeek's evaluate_rexseek.py) or "highest_score" (the K best scores, ties to the earlier box).
+  """
+  boxes: np.ndarray
+  indices: np.ndarray
+  num_given: int
+  rule: str | None
+
+  @property
+  def num_dropped(self) -> int:
+    return self.num_given - int(self.indices.shape[0])
+
+  def note(self) -> str | None:
+    """One human-readable line, None when nothing was dropped."""
+    if not self.num_dropped:
+      return None
+    k = int(self.indices.shape[0])
+    how = (f"kept the {k} highest-scoring (in input order)" if self.rule == "highest_score" else
+           f"kept the first {k}, as RexSeek's evaluate_rexseek.py (give scores to keep the "
+           "highest-scoring)")
+    return (f"{self.num_dropped} of {self.num_given} boxes dropped (rule {self.rule!r}, "
+            f"max_objects={k}; ChatRex has the object tags <obj0>..<obj"
+            f"{C.MAX_NUM_OBJECTS - 1}>): {how}")
+
+  def to_dict(self) -> dict:
+    return {"given": self.num_given, "kept": int(self.indices.shape[0]),
+            "dropped": self.num_dropped, "rule": self.rule}
+
+
+def select_boxes(boxes, scores=None, max_objects: int = C.MAX_NUM_OBJECTS) -> BoxSelection:
+  """Caps boxes [N, 4] at max_objects (rule in the module doc). scores: [N] or None.
+  Pure: no warning, no validation beyond shapes (the processor validates first)."""
+  b = np.asarray(boxes, np.float64).reshape(-1, 4)
+  n = b.shape[0]
+  if n <= max_objects:
+    return BoxSelection(b, np.arange(n, dtype=np.int64), n, None)
+  if scores is None:
+    idx, rule = np.arange(max_objects, dtype=np.int64), "first"
+  else:
+    s = np.asarray(scores, np.float64).reshape(-1)
+    if s.shape[0] != n:
+      raise ValueError(f"{s.shape[0]} scores for {n} boxes")
+    # stable sort: among equal scores the earlier box wins; then back to input order
+    idx = np.sort(np.argsort(-s, kind="stable")[:max_objects]).astype(np.int64)
+    rule = "highest_score"
+  return BoxSelection(b[idx], idx, n, rule)
+
+
+# ------------------------------------------------------------------------------------------
 # Processor
 
 
@@ -332,7 +399,9 @@ class ProcessedImage:
   boxes_original: float64 [N, 4] the kept input boxes, xyxy original pixels (for the parser).
   size_wh: original (W, H); square_side: S = max(W, H).
   num_boxes_dropped: boxes beyond max_objects removed by the "truncate" policy.
-  notes: what the input policy did (EXIF, alpha, 16-bit, ...).
+  notes: what the input policy did (EXIF, alpha, 16-bit, dropped boxes, ...).
+  box_selection: which input boxes were kept and by which rule (`BoxSelection`; None when the
+  ProcessedImage was built by hand).
   """
   pixel_values: np.ndarray
   pixel_values_aux: np.ndarray
@@ -342,6 +411,7 @@ class ProcessedImage:
   square_side: int
   num_boxes_dropped: int = 0
   notes: list[str] = dataclasses.field(default_factory=list)
+  box_selection: BoxSelection | None = None
 
   def nchw(self) -> dict[str, np.ndarray]:
     """The official layout: pixel_values [1,3,336,336], pixel_values_aux [1,3,768,768],
@@ -368,8 +438,9 @@ class ChatRexProcessor:
   """Host-side ChatRex preprocessing (images, boxes, prompts, tokens, batches).
 
   aux_size / clip_size: 768 / 336 for the released models; background: expand2square colour.
-  max_objects: box cap (MAX_NUM_OBJECTS); box_overflow: "truncate" (keep the first
-  max_objects, report the count) or "raise". exif_transpose: see module doc.
+  max_objects: box cap (MAX_NUM_OBJECTS); box_overflow: "truncate" (keep max_objects by
+  `select_boxes`: the first ones, or the highest-scoring when scores are given; warn and note
+  the count) or "raise". exif_transpose: see module doc.
   max_square_side: refuse images whose expand2square canvas side exceeds it.
   tokenizer: a HF tokenizer with the ChatRex special tokens (optional; without one,
   `process` returns the prompt text only). template: a `ChatTemplate` or its name; None detects
@@ -417,27 +488,30 @@ class ChatRexProcessor:
 
   # -- images and boxes ---------------------------------------------------------------------
 
-  def _check_boxes(self, boxes) -> tuple[np.ndarray, int]:
-    if boxes is None:
-      return np.zeros((0, 4), np.float64), 0
+  def _check_boxes(self, boxes, scores=None) -> BoxSelection:
+    if boxes is None or np.asarray(boxes).size == 0:
+      return select_boxes(np.zeros((0, 4)), None, self.max_objects)
     b = np.asarray(boxes, np.float64)
-    if b.size == 0:
-      return np.zeros((0, 4), np.float64), 0
     if b.ndim != 2 or b.shape[1] != 4:
       raise ValueError(f"boxes must be [N, 4] xyxy in original-image pixels, got shape {b.shape}")
     if not np.all(np.isfinite(b)):
       bad = np.argwhere(~np.isfinite(b).all(-1)).ravel().tolist()
       raise ValueError(f"boxes {bad} have non-finite coordinates")
-    dropped = max(0, b.shape[0] - self.max_objects)
-    if dropped:
-      if self.box_overflow == "raise":
-        raise ValueError(f"{b.shape[0]} boxes given, at most max_objects={self.max_objects} are "
-                         "supported (box_overflow='truncate' keeps the first ones)")
-      b = b[:self.max_objects]
-    return b, dropped
+    if scores is not None:
+      scores = np.asarray(scores, np.float64).reshape(-1)
+      if scores.shape[0] != b.shape[0]:
+        raise ValueError(f"{scores.shape[0]} scores for {b.shape[0]} boxes")
+      if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    if b.shape[0] > self.max_objects and self.box_overflow == "raise":
+      raise ValueError(f"{b.shape[0]} boxes given, at most max_objects={self.max_objects} are "
+                       "supported (box_overflow='truncate' keeps the first ones, or the "
+                       "highest-scoring when scores are given)")
+    return select_boxes(b, scores, self.max_objects)
 
-  def preprocess_image(self, image: ImageInput, boxes=None) -> ProcessedImage:
-    """Image + optional boxes [N, 4] (xyxy, original pixels) -> ProcessedImage."""
+  def preprocess_image(self, image: ImageInput, boxes=None, scores=None) -> ProcessedImage:
+    """Image + optional boxes [N, 4] (xyxy, original pixels) and their scores [N] (used only
+    to choose which boxes to keep when N > max_objects) -> ProcessedImage."""
     loaded = load_image(image, exif_transpose=self.exif_transpose)
     w, h = loaded.size_wh
     s = max(w, h)
@@ -445,17 +519,20 @@ class ChatRexProcessor:
       raise ImageInputError(
           f"image {w}x{h}: its square canvas would be {s}x{s}, above max_square_side="
           f"{self.max_square_side}; downscale it first (and its boxes) or raise the limit")
+    selection = self._check_boxes(boxes, scores)
     square = expand2square(loaded.rgb, self.background)
     aux = clip_preprocess(square, self.aux_size, self.mean, self.std)
     clip = torch_bilinear_resize(aux, self.clip_size, self.clip_size)
-    b, dropped = self._check_boxes(boxes)
     notes = list(loaded.notes)
-    if dropped:
-      notes.append(f"{dropped} boxes beyond max_objects={self.max_objects} dropped (kept the "
-                   "first ones)")
+    note = selection.note()
+    if note:
+      notes.append(note)
+      warnings.warn(note, BoxOverflowWarning, stacklevel=2)
+    b = selection.boxes
     return ProcessedImage(pixel_values=clip, pixel_values_aux=aux,
                           boxes=transform_boxes(b, (w, h), self.aux_size), boxes_original=b,
-                          size_wh=(w, h), square_side=s, num_boxes_dropped=dropped, notes=notes)
+                          size_wh=(w, h), square_side=s, num_boxes_dropped=selection.num_dropped,
+                          notes=notes, box_selection=selection)
 
   # -- prompts and tokens ------------------------------------------------------------------
 
@@ -469,10 +546,11 @@ class ChatRexProcessor:
     return user, tokenize.apply_template(self.template, user, system=system)
 
   def process(self, image: ImageInput, question: str, boxes=None,
-              system: str | None = None) -> ProcessedSample:
-    """The official `prepare_input_for_rexseek` for one sample (+ our input policy)."""
+              system: str | None = None, *, scores=None) -> ProcessedSample:
+    """The official `prepare_input_for_rexseek` for one sample (+ our input policy; scores [N]
+    only choose the kept boxes when there are more than max_objects)."""
     from chatrex_jax.data import tokenize
-    img = self.preprocess_image(image, boxes)
+    img = self.preprocess_image(image, boxes, scores)
     user, prompt = self.prompt(question, img.boxes.shape[0], system=system)
     ids = None
     if self.tokenizer is not None:
@@ -481,19 +559,22 @@ class ChatRexProcessor:
 
   def process_task(self, image: ImageInput, task: str, boxes=None, *, objects=None,
                    granularity: str | None = None, text: str | None = None,
-                   variant: int = 0) -> ProcessedSample:
+                   variant: int = 0, raw_question: bool = False, scores=None) -> ProcessedSample:
     """`process` with the official question of a task (`inference.prompts.question`):
     detect / refer / count (objects = categories or expressions), region_caption
     (objects = box indices; granularity category / short_phrase / brief / one_sentence),
-    grounded_caption (granularity brief / detailed), chat (text = the question)."""
+    grounded_caption (granularity brief / detailed), chat (text = the question, prefixed with
+    the grounded-format sentence unless raw_question)."""
     from chatrex_jax.inference import prompts
-    q = prompts.question(task, objects, granularity=granularity, variant=variant, text=text)
-    return self.process(image, q, boxes)
+    q = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
+                         raw=raw_question)
+    return self.process(image, q, boxes, scores=scores)
 
   @staticmethod
   def parse(answer: str, sample: ProcessedSample, **kwargs):
-    """Parses a decoded answer against the sample's kept input boxes (original-image xyxy);
-    see `inference.parser.parse_grounded`."""
+    """Parses a decoded answer against the sample's kept input boxes (original-image xyxy)
+    with the official visualiser's rule (`inference.parser.parse_grounded` defaults; kwargs
+    select its other options)."""
     from chatrex_jax.inference import parser
     return parser.parse_grounded(answer, sample.image.boxes_original, **kwargs)
 

@@ -1,17 +1,19 @@
 """ChatRex task prompts (spec C) and the user-text builder (spec B.7).
 
-The template lists are ChatRex `chatrex/tools/prompt_templates.py` (@1d4363a), every variant,
-element [0] first (the gradio demo and the RexSeek evaluation use element [0]); `[OBJ]` is
+The template lists are ChatRex `chatrex/tools/prompt_templates.py` as it stands at the
+repository's HEAD (b98028c; the file last changed in 40e6401): every variant, in the official
+order, element [0] first (the gradio demo and the RexSeek evaluation use element [0]); `[OBJ]` is
 replaced by a category / referring expression / `<objK>`, several joined with "; ".
+`official_list(name)` gives each list under its official name.
 
-Two official lists miss a comma after their first string, so Python concatenates the first two
-literals into one element. Here every literal is its own variant (the intended lists, with the
-sizes the spec quotes: brief 17, brief grounded caption 22); `official_list(name)` rebuilds the
-lists exactly as the official module evaluates them (element [0] there is the concatenation).
-Element [0] here is the first literal, which is what the README and the RexSeek tests use.
+History: the file's first commit (1d4363a) missed a comma after the first string of two lists
+(brief region caption, brief grounded caption), so Python joined their first two literals into
+one element (16 and 21 elements instead of 17 and 22); 40e6401 added the commas.
+`official_list(name, revision="1d4363a")` rebuilds those lists as that commit evaluated them.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
 
 from chatrex_jax.data import constants as C
@@ -206,14 +208,20 @@ OFFICIAL_NAMES = {
     "BREIF_CAPTION_WITH_GROUDING_STAGE2": GROUNDED_CAPTION_BRIEF,
     "DETAILED_CAPTION_WITH_GROUDING_STAGE2": GROUNDED_CAPTION_DETAILED,
 }
-# The two official lists whose first two literals are concatenated (missing comma).
-_MISSING_COMMA = ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2", "BREIF_CAPTION_WITH_GROUDING_STAGE2")
+# Lists whose first two literals were concatenated (missing comma) in the first commit only.
+_MISSING_COMMA_1D4363A = ("REGION_CAPTION_SINGLE_REGION_BREIFLY_STAGE2",
+                          "BREIF_CAPTION_WITH_GROUDING_STAGE2")
+OFFICIAL_REVISIONS = ("head", "1d4363a")
 
 
-def official_list(name: str) -> list[str]:
-  """The official list exactly as Python evaluates `prompt_templates.py` (missing commas kept)."""
+def official_list(name: str, revision: str = "head") -> list[str]:
+  """The official list `name` as Python evaluates `prompt_templates.py`: at HEAD (default, the
+  lists above), or at the first commit "1d4363a" (two lists with their first two literals
+  concatenated)."""
+  if revision not in OFFICIAL_REVISIONS:
+    raise ValueError(f"revision must be one of {OFFICIAL_REVISIONS}, got {revision!r}")
   variants = list(OFFICIAL_NAMES[name])
-  if name in _MISSING_COMMA:
+  if revision == "1d4363a" and name in _MISSING_COMMA_1D4363A:
     variants = [variants[0] + variants[1]] + variants[2:]
   return variants
 
@@ -242,6 +250,38 @@ def join_objects(objects: str | int | Iterable[str | int]) -> str:
   return "; ".join(parts)
 
 
+def join_query(query: str) -> str:
+  """The [OBJ] text the official gradio demo builds from its "object ids & cates" box
+  (`question_creater`): split at ",", strip each piece, join with "; ". "dog,cat" ->
+  "dog; cat"; "person; pigeon" stays; empty pieces are kept as the demo keeps them
+  ("dog,,cat" -> "dog; ; cat")."""
+  return "; ".join(part.strip() for part in str(query).split(","))
+
+
+_REGION_TOKEN_RE = re.compile(r"<obj(\d+)>|(\d+)")
+
+
+def region_indices(query: str | int | Iterable[str | int]) -> list[int]:
+  """Box indices for a region caption: "0,2", "0 2", "0; 2", "<obj1>,<obj2>" (the gradio
+  demo's form) or a mix -> [0, 2] / [1, 2]; ints pass through. Order and repeats are kept, as
+  the demo would put them in the question. Raises ValueError on anything else."""
+  if isinstance(query, int):
+    return [query]
+  if not isinstance(query, str):
+    return [i for q in query for i in region_indices(q)]
+  out = []
+  for token in re.split(r"[,;\s]+", query.strip()):
+    if not token:
+      continue
+    m = _REGION_TOKEN_RE.fullmatch(token)
+    if m is None:
+      raise ValueError(f"region index {token!r} is neither an integer nor <objK> (in {query!r})")
+    out.append(int(m.group(1) or m.group(2)))
+  if not out:
+    raise ValueError(f"no box index in {query!r}")
+  return out
+
+
 def templates(task: str, granularity: str | None = None) -> list[str]:
   """All variants of a task's prompt (element [0] is the one used at inference)."""
   if task not in TASKS:
@@ -259,18 +299,24 @@ def templates(task: str, granularity: str | None = None) -> list[str]:
 
 
 def question(task: str, objects: str | int | Sequence[str | int] | None = None,
-             granularity: str | None = None, variant: int = 0, text: str | None = None) -> str:
+             granularity: str | None = None, variant: int = 0, text: str | None = None,
+             raw: bool = False) -> str:
   """The question text of a task.
 
-  detect / refer / count: objects = categories or referring expressions ("person; pigeon").
+  detect / refer / count: objects = categories or referring expressions ("person; pigeon";
+  `join_query` turns the demo's "dog,cat" into that form).
   region_caption: objects = box indices (ints -> `<objK>`) or `<objK>` strings.
   grounded_caption: no objects.  chat: text = the user question, prefixed with
-  GROUNDED_CONVERSATION_PREFIX.  variant picks a paraphrase (0 = the official default).
+  GROUNDED_CONVERSATION_PREFIX (the official grounded-conversation test), or sent verbatim with
+  raw=True (the gradio demo's "Raw Question Input").  variant picks a paraphrase (0 = the
+  official default).
   """
+  if raw and task != "chat":
+    raise ValueError(f"raw=True sends text verbatim and applies to task 'chat' only, not {task!r}")
   if task == "chat":
     if text is None:
       raise ValueError("task 'chat' needs text=<the question>")
-    return GROUNDED_CONVERSATION_PREFIX + text
+    return text if raw else GROUNDED_CONVERSATION_PREFIX + text
   variants = templates(task, granularity)
   if not 0 <= variant < len(variants):
     raise ValueError(f"variant {variant} outside [0, {len(variants)}) for task {task!r}")
