@@ -100,3 +100,33 @@ def torch_ms_deform_attn_core(value, shapes, loc, attn):
   a = attn.transpose(1, 2).reshape(b * n, 1, q, nl * p)
   out = (torch.stack(samples, dim=-2).flatten(-2) * a).sum(-1).view(b, n * c, q)
   return out.transpose(1, 2).contiguous()
+
+
+def make_release_checkpoint(dst, sentencepiece_model, *, seed: int = 0, hidden: int = 32):
+  """A tiny ChatRex checkpoint in the layout and family of the released ChatRex-7B: RexSeek
+  key layout (top-level `mm_projector.*`, `vision_tower.*`, `vision_tower_aux.*`), a LLaMA LLM
+  without q/k/v bias over a 32000-piece sentencepiece vocabulary with ChatRex's 104 tokens at
+  32000-32103, config.json saying only `model_type: "chatrex"` about the family (no
+  architectures, no attention_bias: the family must come from the weights and the tokenizer).
+  Returns (folder, ChatRexConfig, params)."""
+  import dataclasses
+  import json
+  import jax
+  from flax.core import meta
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.data import constants as C
+  from chatrex_jax.data.llama_tokenizer import SentencePieceLlamaTokenizer
+  from chatrex_jax.models.chatrex import init_params
+  from chatrex_jax.models.tiny import tiny_config
+  dst = pathlib.Path(dst)
+  tok = SentencePieceLlamaTokenizer(vocab_file=str(sentencepiece_model))
+  tok.add_tokens(list(C.SPECIAL_TOKENS), special_tokens=True)
+  config = tiny_config(len(tok), family="llama", hidden=hidden, rms_norm_eps=1e-5)
+  config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, model_type="chatrex"))
+  params = meta.unbox(init_params(config, jax.random.key(seed)))["params"]
+  chatrex_convert.save_checkpoint(params, config, dst, tokenizer=tok)
+  hf = json.loads((dst / "config.json").read_text())
+  for key in ("architectures", "attention_bias"):
+    hf.pop(key, None)
+  (dst / "config.json").write_text(json.dumps(hf, indent=2))
+  return dst, config, params

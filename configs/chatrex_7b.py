@@ -1,11 +1,16 @@
-"""ChatRex-7B (Qwen2.5-7B + CLIP-L/14-336 + ConvNeXt-L) training, three stages.
+"""ChatRex-7B training, three stages, on either LLM base.
 
   chatrex-jax train --config configs/chatrex_7b.py:stage1 --workdir gs://bucket/run \
       --config.model.init_from=/ckpt/chatrex_init --config.data.sources='[{"path": "/data/rexverse", "weight": 1.0}]'
+  chatrex-jax train --config configs/chatrex_7b.py:stage3,vicuna --workdir /ckpt/ft \
+      --config.model.init_from=/ckpt/ChatRex-7B --config.data.tokenizer_dir=/ckpt/ChatRex-7B
 
-stage1 (alignment): projectors + input/output embeddings; stage2 (perception, Rexverse-2M)
-and stage3 (joint): everything (vision-tower switches below). Learning rates follow LLaVA
-practice (1e-3 alignment, 2e-5 full fine-tuning); the paper does not publish them (spec E.9).
+ARG = STAGE[,BASE]. STAGE: stage1 (alignment: projectors + input/output embeddings), stage2
+(perception, Rexverse-2M) or stage3 (joint): everything but the ConvNeXt tower (switches below).
+BASE: "qwen2.5" (default; Qwen2.5-7B, the paper's recipe) or "vicuna" (Vicuna-7B v1.5, a
+LLaMA: the base of the released ChatRex-7B, for fine-tuning from the release). Both carry
+ChatRex's 104 added tokens in the vocabulary. Learning rates follow LLaVA practice (1e-3
+alignment, 2e-5 full fine-tuning); the paper does not publish them.
 """
 import ml_collections
 
@@ -15,16 +20,27 @@ from chatrex_jax.train.sharding import FSDP_RULES
 QWEN25_7B = dict(vocab_size=151769, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
                  tie_word_embeddings=False, max_position_embeddings=32768, model_type="qwen2")
+# Vicuna-7B v1.5 (LLaMA-2 7B): 32000 sentencepiece tokens + ChatRex's 104 at 32000-32103.
+VICUNA_7B = dict(vocab_size=32000 + 104, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, rope_theta=1e4, rms_norm_eps=1e-5,
+                 tie_word_embeddings=False, max_position_embeddings=4096, attention_bias=False,
+                 model_type="llama")
+BASES = {"qwen2.5": QWEN25_7B, "vicuna": VICUNA_7B}
 
 
-def get_config(stage: str = "stage2") -> ml_collections.ConfigDict:
+def get_config(arg: str = "stage2") -> ml_collections.ConfigDict:
+  stage, _, base = arg.partition(",")
+  base = base or "qwen2.5"
   if stage not in ("stage1", "stage2", "stage3"):
-    raise ValueError(f"stage must be stage1|stage2|stage3, got {stage!r}")
+    raise ValueError(f"stage must be stage1|stage2|stage3, got {stage!r} (ARG = STAGE[,BASE])")
+  if base not in BASES:
+    raise ValueError(f"base must be one of {sorted(BASES)}, got {base!r} (ARG = STAGE[,BASE])")
   c = ml_collections.ConfigDict()
   c.task = "chatrex"
   c.stage = stage
   c.model = ml_collections.ConfigDict()
-  c.model.llm = dict(QWEN25_7B)
+  c.model.base = base
+  c.model.llm = dict(BASES[base])
   c.model.clip = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                       num_attention_heads=16, image_size=336, patch_size=14, select_layer=-2)
   c.model.convnext = dict(depths=[3, 3, 27, 3], dims=[192, 384, 768, 1536])

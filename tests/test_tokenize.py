@@ -108,8 +108,8 @@ def test_templates(qwen_tok, llama_tok):
   assert K.detect_template(llama_tok) is K.VICUNA_V1
   assert K.detect_template(config={"model_type": "qwen2"}) is K.QWEN_CHAT
   assert K.detect_template(config={"architectures": ["LlavaLlamaForCausalLM"]}) is K.VICUNA_V1
-  # the config wins over the tokenizer
-  assert K.detect_template(qwen_tok, config={"model_type": "llama"}) is K.VICUNA_V1
+  # the tokenizer decides, not the network's model_type (SmolLM2 is a LLaMA chatting in ChatML)
+  assert K.detect_template(qwen_tok, config={"model_type": "llama"}) is K.QWEN_CHAT
   with pytest.raises(ValueError, match="cannot tell"):
     K.detect_template(config={"model_type": "gpt2"})
   with pytest.raises(ValueError, match="unknown chat template"):

@@ -168,6 +168,43 @@ def test_conversion_errors_are_collected(tiny_state):
     convert_upn.to_flax(s, TINY, check_shapes=False)
 
 
+def test_release_file_extras_and_unused_parameters(tiny_state, tmp_path, highest_precision):
+  """upn_large.pth as released may carry training entries besides ckpt["model"] and lack the
+  `ref_point_head_point` weights (the decoder multiplies them by 0): the load reports both,
+  once, and gives the same network; a parameter the forward reads still fails by name."""
+  params, state = tiny_state
+  unused = sorted(k for k in state if ".ref_point_head_point." in k)
+  assert len(unused) == 4
+  kept = {k: torch.from_numpy(v) for k, v in state.items() if k not in unused}
+  torch.save({"model": kept, "optimizer": {"lr": 1e-4}, "epoch": 12}, tmp_path / "upn.pth")
+  loaded, report = convert_upn.load_params(tmp_path / "upn.pth", TINY)
+  assert sorted(report.filled) == unused and report.extras == ["epoch", "optimizer"]
+  assert "zero-filled" in str(report) and "optimizer" in str(report)
+  image = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
+  model = UPN(TINY)
+  want = infer.forward(model, params, image, None, ("fine",))["fine"]
+  got = infer.forward(model, loaded, image, None, ("fine",))["fine"]
+  np.testing.assert_array_equal(got["pred_boxes"], want["pred_boxes"])
+  np.testing.assert_array_equal(got["pred_logits"], want["pred_logits"])
+  del kept["transformer.decoder.norm.weight"], kept["transformer.enc_output.bias"]
+  torch.save({"model": kept}, tmp_path / "broken.pth")
+  with pytest.raises(mapping.ConversionError) as e:
+    convert_upn.load_params(tmp_path / "broken.pth", TINY)
+  assert "transformer.decoder.norm.weight" in str(e.value) and "transformer.enc_output.bias" in str(e.value)
+
+
+def test_pickled_training_args_are_refused_unless_allowed(tiny_state, tmp_path):
+  import argparse
+  _, state = tiny_state
+  ckpt = {"model": {k: torch.from_numpy(v) for k, v in state.items()},
+          "args": argparse.Namespace(lr=1e-4, epochs=12)}
+  torch.save(ckpt, tmp_path / "with_args.pth")
+  with pytest.raises(mapping.ConversionError, match="argparse.Namespace"):
+    convert_upn.read_checkpoint(tmp_path / "with_args.pth")
+  loaded, extras = convert_upn.read_checkpoint(tmp_path / "with_args.pth", safe_globals=["argparse.Namespace"])
+  assert extras == ["args"] and loaded.keys() == state.keys()
+
+
 def test_params_carry_logical_axis_names():
   boxed = jax.eval_shape(lambda: UPN(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), None, "fine"))
   leaves = jax.tree_util.tree_leaves(boxed["params"], is_leaf=lambda x: isinstance(x, nn.Partitioned))

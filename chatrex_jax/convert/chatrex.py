@@ -74,11 +74,14 @@ def _count(keys, pattern: str) -> int:
   return max(found) + 1 if found else 0
 
 
-def config_from_checkpoint(hf: Mapping, specs: Mapping[str, tuple], **llm_overrides) -> ChatRexConfig:
-  """ChatRexConfig from the MLLM config.json and the tensors' shapes {key: shape}."""
+def config_from_checkpoint(hf: Mapping, specs: Mapping[str, tuple], *, tokenizer_class: str | None = None,
+                           **llm_overrides) -> ChatRexConfig:
+  """ChatRexConfig from the MLLM config.json and the tensors' shapes {key: shape}; the LLM family
+  from config.json, the tensors and the tokenizer class together (`models.llm.infer_family`)."""
   layout = detect_layout(specs)
   mm = LAYOUT_PREFIX[layout]
-  llm = LLMConfig.from_hf(hf, **llm_overrides)
+  llm = LLMConfig.from_hf(hf, qkv_bias=llm_convert.has_qkv_bias(specs), tokenizer_class=tokenizer_class,
+                          **llm_overrides)
   vt = f"{mm}vision_tower.vision_tower.vision_model."
   hidden = specs[f"{vt}embeddings.class_embedding"][0]
   patch = specs[f"{vt}embeddings.patch_embedding.weight"]
@@ -107,7 +110,11 @@ def config_from_checkpoint(hf: Mapping, specs: Mapping[str, tuple], **llm_overri
 
 
 def config_to_hf(config: ChatRexConfig) -> dict:
+  """The MLLM config.json: the LLM's fields (its own model_type kept, e.g. the release's
+  "chatrex") plus the multimodal ones."""
   out = config.llm.to_hf()
+  if config.llm.model_type:
+    out["model_type"] = config.llm.model_type
   out.update(
       mm_vision_select_layer=config.clip.select_layer, mm_vision_select_feature=config.clip.select_feature,
       mm_projector_type="mlp2x_gelu", aux_image_size=config.aux_image_size,
@@ -143,6 +150,18 @@ def to_torch_state(params: Mapping, config: ChatRexConfig, layout: str = "rexsee
   return mapping.to_torch(params, rules(config, layout), what="ChatRex export", dtype=dtype)
 
 
+def read_config(path, **llm_overrides) -> ChatRexConfig:
+  """The ChatRexConfig of a checkpoint folder, from config.json and the tensor headers only."""
+  path = pathlib.Path(path)
+  hf = json.loads((path / "config.json").read_text())
+  ckpt = safetensors_io.Checkpoint(path)
+  try:
+    return config_from_checkpoint(hf, {k: ckpt.spec(k)[1] for k in ckpt},
+                                  tokenizer_class=llm_convert.tokenizer_class(path), **llm_overrides)
+  finally:
+    ckpt.close()
+
+
 def load_checkpoint(path, *, dtype=None, **llm_overrides) -> tuple[ChatRexConfig, dict, str]:
   """A checkpoint folder (config.json + safetensors [+ index]) -> (config, params, layout)."""
   path = pathlib.Path(path)
@@ -150,7 +169,8 @@ def load_checkpoint(path, *, dtype=None, **llm_overrides) -> tuple[ChatRexConfig
   ckpt = safetensors_io.Checkpoint(path)
   try:
     specs = {k: ckpt.spec(k)[1] for k in ckpt}
-    config = config_from_checkpoint(hf, specs, **llm_overrides)
+    config = config_from_checkpoint(hf, specs, tokenizer_class=llm_convert.tokenizer_class(path),
+                                    **llm_overrides)
     layout = detect_layout(specs)
     return config, from_torch_state(ckpt, config, layout=layout, dtype=dtype), layout
   finally:

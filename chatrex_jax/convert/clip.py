@@ -32,8 +32,15 @@ def rules(cfg: CLIPVisionConfig, prefix: str = PREFIX_HF, flax_prefix: str = "")
       Rule(f"{prefix}embeddings.class_embedding", f"{fp}embeddings/class_embedding"),
       Rule(f"{prefix}embeddings.position_embedding.weight", f"{fp}embeddings/position_embedding"),
   ]
-  for ln in ("pre_layrnorm", "post_layernorm"):
-    out += [Rule(f"{prefix}{ln}.weight", f"{fp}{ln}/scale"), Rule(f"{prefix}{ln}.bias", f"{fp}{ln}/bias")]
+  out += [Rule(f"{prefix}pre_layrnorm.weight", f"{fp}pre_layrnorm/scale"),
+          Rule(f"{prefix}pre_layrnorm.bias", f"{fp}pre_layrnorm/bias")]
+  # post_layernorm only makes the pooled CLS output, which the MLLM never reads (it takes
+  # hidden_states[select_layer] patches): LLaVA-style towers may be saved without it.
+  d = cfg.hidden_size
+  out += [Rule(f"{prefix}post_layernorm.weight", f"{fp}post_layernorm/scale",
+               fill_if_missing=lambda: np.ones((d,), np.float32)),
+          Rule(f"{prefix}post_layernorm.bias", f"{fp}post_layernorm/bias",
+               fill_if_missing=lambda: np.zeros((d,), np.float32))]
   for i in range(cfg.num_hidden_layers):
     t, f = f"{prefix}encoder.layers.{i}.", f"{fp}layers_{i}/"
     for proj in ("q_proj", "k_proj", "v_proj"):

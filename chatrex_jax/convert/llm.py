@@ -103,11 +103,38 @@ def read_hf_config(path) -> dict:
   return hf.get("text_config", hf) if "text_config" in hf and "hidden_size" not in hf else hf
 
 
+def tokenizer_class(path) -> str | None:
+  """tokenizer_config.json's `tokenizer_class` in a checkpoint folder (None if absent)."""
+  path = pathlib.Path(path)
+  f = (path if path.is_dir() else path.parent) / "tokenizer_config.json"
+  if not f.exists():
+    return None
+  return json.loads(f.read_text()).get("tokenizer_class")
+
+
+def has_qkv_bias(keys, prefix: str = "") -> bool:
+  """Whether a state dict's keys hold the LLM's q/k/v bias tensors (Qwen2 does, LLaMA not)."""
+  return f"{prefix}model.layers.0.self_attn.q_proj.bias" in set(keys)
+
+
+def config_from_folder(path, ckpt=None, **overrides) -> LLMConfig:
+  """LLMConfig of a HF folder, the family decided by config.json, the tensors and the
+  tokenizer together (`models.llm.infer_family`)."""
+  own = ckpt is None
+  ckpt = safetensors_io.Checkpoint(path) if own else ckpt
+  try:
+    return LLMConfig.from_hf(read_hf_config(path), qkv_bias=has_qkv_bias(ckpt),
+                             tokenizer_class=tokenizer_class(path), **overrides)
+  finally:
+    if own:
+      ckpt.close()
+
+
 def load_hf(path, config: LLMConfig | None = None, *, prefix: str = "", dtype=None, **overrides):
   """Loads a HF checkpoint folder -> (config, params), streaming tensor by tensor."""
-  if config is None:
-    config = LLMConfig.from_hf(read_hf_config(path), **overrides)
   ckpt = safetensors_io.Checkpoint(path)
+  if config is None:
+    config = config_from_folder(path, ckpt, **overrides)
   try:
     return config, from_torch_state(ckpt, config, prefix=prefix, dtype=dtype)
   finally:
@@ -135,9 +162,9 @@ def convert_hf_to_flax_checkpoint(src, dst, config: LLMConfig | None = None, *,
   the peak host memory is about one output shard, whatever the checkpoint size. Load the
   result with `load_flax_checkpoint` (optionally straight onto sharded devices).
   """
-  if config is None:
-    config = LLMConfig.from_hf(read_hf_config(src))
   ckpt = safetensors_io.Checkpoint(src)
+  if config is None:
+    config = config_from_folder(src, ckpt)
   _check_tied(ckpt, config, prefix)
   the_rules = rules(config, prefix)
   ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
@@ -178,19 +205,29 @@ def load_flax_checkpoint(path, shardings=None) -> dict:
 
 # ----------------------------------------------------------------------------- vocabulary
 
+NEW_TOKEN_INITS = ("mean", "sampled")
+
+
 def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
-                 num_new_tokens: int) -> tuple[dict, LLMConfig]:
+                 num_new_tokens: int, *, init: str = "mean", seed: int = 0) -> tuple[dict, LLMConfig]:
   """ChatRex's vocabulary extension (spec B.7), on a Flax tree.
 
   Mirrors `resize_token_embeddings(len(tokenizer))` followed by setting the last
-  `num_new_tokens` input and output rows to the mean of the rows before them (each matrix
-  separately). The matrix may shrink (Qwen pads its embedding beyond the tokenizer).
+  `num_new_tokens` input and output rows (each matrix separately) to
+    "mean": the mean of the rows before them, as the official code does; every new token
+      starts identical and only training tells them apart;
+    "sampled": draws from N(mean, covariance) of those rows, so each new token starts as
+      distinct as two ordinary vocabulary tokens (a pretrained LLM can copy them at once).
+  The matrix may shrink (Qwen pads its embedding beyond the tokenizer).
   """
   import dataclasses
   from flax.core import meta
   params = meta.unbox(params)
   if not 0 < num_new_tokens <= new_vocab_size:
     raise ValueError(f"num_new_tokens={num_new_tokens} must be in (0, new_vocab_size={new_vocab_size}]")
+  if init not in NEW_TOKEN_INITS:
+    raise ValueError(f"new-token init {init!r} is not one of {NEW_TOKEN_INITS}")
+  rng = np.random.default_rng(seed)
 
   def resize(matrix: np.ndarray, axis: int) -> np.ndarray:
     m = np.moveaxis(np.asarray(matrix), axis, 0)
@@ -199,7 +236,14 @@ def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
     keep = min(old, new_vocab_size)
     out[:keep] = m[:keep]
     base = new_vocab_size - num_new_tokens
-    out[base:] = out[:base].astype(np.float64).mean(axis=0).astype(m.dtype)
+    rows = out[:base].astype(np.float64)
+    mean = rows.mean(axis=0)
+    if init == "mean":
+      out[base:] = mean.astype(m.dtype)
+    else:
+      centred = rows - mean
+      cov = centred.T @ centred / max(base - 1, 1)
+      out[base:] = rng.multivariate_normal(mean, cov, size=num_new_tokens, method="eigh").astype(m.dtype)
     return np.moveaxis(out, 0, axis)
 
   params = jax_tree_copy(params)
@@ -213,11 +257,12 @@ def jax_tree_copy(tree):
   return {k: jax_tree_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
 
 
-def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer) -> tuple[dict, LLMConfig]:
+def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer, *, init: str = "mean",
+                       seed: int = 0) -> tuple[dict, LLMConfig]:
   """Adds ChatRex's 104 tokens (`<obj0>`..`<obj99>`, `<ground>`, `</ground>`, `<objects>`,
   `</objects>`, special, in that order) to a locally loaded HF tokenizer and resizes the
-  embeddings to `len(tokenizer)` with the new rows set to the mean of the earlier ones
-  (spec B.7). Tokens the tokenizer already has are not added twice."""
+  embeddings to `len(tokenizer)`, the new rows initialised by `init` (`resize_vocab`; "mean",
+  the official rule, by default). Tokens the tokenizer already has are not added twice."""
   from chatrex_jax.data.constants import SPECIAL_TOKENS
   missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
   if len(missing) not in (0, len(SPECIAL_TOKENS)):
@@ -226,4 +271,4 @@ def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer) -> tuple[d
   added = tokenizer.add_tokens(list(missing), special_tokens=True) if missing else 0
   if not added:
     return dict(params), config
-  return resize_vocab(params, config, len(tokenizer), added)
+  return resize_vocab(params, config, len(tokenizer), added, init=init, seed=seed)

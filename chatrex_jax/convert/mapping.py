@@ -77,11 +77,15 @@ class Rule:
 
   aliases: other torch keys holding the same tensor (modules shared under several names).
   Reading takes the first key present and checks the others are equal; writing emits all.
+  fill_if_missing: for a parameter the forward never reads (UPN's `ref_point_head_point`,
+  multiplied by zero; CLIP's `post_layernorm`, which only the unused pooled output passes):
+  the Flax value to use when a checkpoint lacks it (reported, not an error).
   """
   torch_key: str
   flax_path: str
   layout: Layout = IDENTITY
   aliases: tuple[str, ...] = ()
+  fill_if_missing: Callable[[], Array] | None = dataclasses.field(default=None, compare=False)
 
   @property
   def torch_keys(self) -> tuple[str, ...]:
@@ -137,7 +141,8 @@ def _shape_of(x) -> tuple[int, ...]:
 
 def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "conversion",
             expected: Mapping | None = None, ignore: Iterable[str] = (),
-            dtype: np.dtype | None = None, strict: bool = True) -> dict:
+            dtype: np.dtype | None = None, strict: bool = True,
+            filled: list[str] | None = None) -> dict:
   """Builds the Flax tree from a torch-named state dict.
 
   expected: an (abstract) Flax tree, e.g. `jax.eval_shape(model.init, ...)["params"]`; each
@@ -146,6 +151,8 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
   ignore: glob patterns of torch keys that may be present without a rule (buffers etc.).
   dtype: cast floating tensors to this dtype (None keeps the checkpoint's).
   strict: report unexpected torch keys (False: ignore them, as `strict=False` loading does).
+  filled: receives the torch keys of absent parameters taken from their `fill_if_missing`
+    (when None, they are listed in one warning).
   """
   if expected is not None:
     from flax.core import meta  # boxed (logically partitioned) trees from `init`/`eval_shape`
@@ -153,10 +160,15 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
   expected_flat = flatten(expected) if expected is not None else None
   ignore = tuple(ignore)
   missing, misshaped, other, out = [], [], [], {}
+  filled_here: list[str] = []
   used: set[str] = set()
   for rule in rules:
     present = [k for k in rule.torch_keys if k in state]
     used.update(present)
+    if not present and rule.fill_if_missing is not None:
+      out[rule.flax_path] = np.asarray(rule.fill_if_missing())
+      filled_here.append(rule.torch_key)
+      continue
     if not present:
       missing.append(rule.torch_key + (f" (or aliases {list(rule.aliases)})" if rule.aliases else ""))
       continue
@@ -182,14 +194,20 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
       converted = converted.astype(dtype)
     out[rule.flax_path] = converted
   if expected_flat is not None:
-    filled = {r.flax_path for r in rules}
-    missing += [f"(no rule) {p}" for p in expected_flat if p not in filled]
+    covered = {r.flax_path for r in rules}
+    missing += [f"(no rule) {p}" for p in expected_flat if p not in covered]
   unexpected = []
   if strict:
     unexpected = [k for k in state if k not in used
                   and not any(fnmatch.fnmatchcase(k, pat) for pat in ignore)]
   if missing or unexpected or misshaped or other:
     raise ConversionError(what, missing, unexpected, misshaped, other)
+  if filled is not None:
+    filled.extend(filled_here)
+  elif filled_here:
+    import warnings
+    warnings.warn(f"{what}: the checkpoint lacks {len(filled_here)} parameters the forward never "
+                  f"reads; filled with their neutral values: {filled_here}", stacklevel=2)
   return unflatten(out)
 
 

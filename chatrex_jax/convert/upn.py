@@ -50,6 +50,12 @@ def _mlp(torch_prefix: str, flax_prefix: str, num_layers: int) -> list[Rule]:
           for r in _linear(f"{torch_prefix}.layers.{k}", f"{flax_prefix}/layers_{k}")]
 
 
+def _zero_filled(rules_: list[Rule], shapes: Mapping[str, tuple]) -> list[Rule]:
+  """The same rules, zero-filled when absent (parameters the forward multiplies by 0)."""
+  return [dataclasses.replace(r, fill_if_missing=lambda s=shapes[r.flax_path]: np.zeros(s, np.float32))
+          for r in rules_]
+
+
 def msdeform_attn_rules(torch_prefix: str = "", flax_prefix: str = "") -> list[Rule]:
   """Rules of one MSDeformAttn (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`)."""
   tp = f"{torch_prefix}." if torch_prefix else ""
@@ -116,7 +122,11 @@ def rules(config: UPNConfig) -> list[Rule]:
     out += _linear(f"{tl}.linear1", f"{fl}/linear1") + _linear(f"{tl}.linear2", f"{fl}/linear2")
   out += _norm(f"{t}decoder.norm", "decoder/norm")
   out += _mlp(f"{t}decoder.ref_point_head", "decoder/ref_point_head", 2)
-  out += _mlp(f"{t}decoder.ref_point_head_point", "decoder/ref_point_head_point", 2)
+  # The decoder adds 0 * ref_point_head_point(zeros): a checkpoint may lack these weights.
+  d = config.d_model
+  out += _zero_filled(_mlp(f"{t}decoder.ref_point_head_point", "decoder/ref_point_head_point", 2), {
+      f"decoder/ref_point_head_point/layers_{k}/{p}": ((d, d) if p == "kernel" else (d,))
+      for k in range(2) for p in ("kernel", "bias")})
   # The shared box MLP: one tensor under 2 * dec_layers names.
   for k in range(3):
     for p, layout in (("weight", LINEAR), ("bias", IDENTITY)):
@@ -129,14 +139,21 @@ def rules(config: UPNConfig) -> list[Rule]:
 
 @dataclasses.dataclass
 class LoadReport:
-  """What a non-strict load skipped: unused checkpoint keys and absent aliases of shared tensors."""
+  """What a non-strict load skipped: unused checkpoint keys, absent aliases of shared tensors,
+  absent parameters the forward never reads (zero-filled), and the file's top-level entries
+  besides the state dict (training extras such as "optimizer" or "epoch")."""
   unexpected: list[str]
   missing_aliases: list[str]
+  filled: list[str] = dataclasses.field(default_factory=list)
+  extras: list[str] = dataclasses.field(default_factory=list)
 
   def __str__(self):
     return (f"{len(self.unexpected)} unused checkpoint keys"
             + (f" (e.g. {self.unexpected[:5]})" if self.unexpected else "")
-            + f", {len(self.missing_aliases)} absent aliases of shared tensors")
+            + f", {len(self.missing_aliases)} absent aliases of shared tensors"
+            + (f", {len(self.filled)} absent unused parameters zero-filled ({self.filled})"
+               if self.filled else "")
+            + (f", entries besides the state dict ignored: {self.extras}" if self.extras else ""))
 
 
 def abstract_params(config: UPNConfig):
@@ -173,12 +190,13 @@ def to_flax(state: Mapping[str, np.ndarray], config: UPNConfig, *, strict: bool 
   check_buffers(state, config)
   rs = rules(config)
   expected = abstract_params(config) if check_shapes else None
+  filled: list[str] = []
   params = mapping.to_flax(state, rs, what="UPN", expected=expected, ignore=(BUFFER_PATTERN,),
-                           strict=strict, dtype=dtype)
+                           strict=strict, dtype=dtype, filled=filled)
   used = {k for r in rs for k in r.torch_keys}
   unexpected = sorted(k for k in state if k not in used and not fnmatch.fnmatchcase(k, BUFFER_PATTERN))
   missing_aliases = sorted(a for r in rs for a in r.aliases if a not in state)
-  return params, LoadReport(unexpected, missing_aliases)
+  return params, LoadReport(unexpected, missing_aliases, filled)
 
 
 def to_torch(params: Mapping, config: UPNConfig, *, with_buffers: bool = True) -> dict[str, np.ndarray]:
@@ -189,24 +207,72 @@ def to_torch(params: Mapping, config: UPNConfig, *, with_buffers: bool = True) -
   return out
 
 
-def load_state_dict(path: str | pathlib.Path) -> dict[str, np.ndarray]:
-  """Reads an official checkpoint: `.pth`/`.pt` (ckpt["model"], weights_only) or safetensors."""
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")  # where training code puts it
+
+
+def read_checkpoint(path: str | pathlib.Path, *, safe_globals: Iterable[str] = ()
+                    ) -> tuple[dict[str, np.ndarray], list[str]]:
+  """An official checkpoint file -> (state dict as numpy, names of the other top-level entries).
+
+  `.pth`/`.pt`: `torch.load(weights_only=True)` only; the state dict is `ckpt["model"]` (the
+  official loader's key; "state_dict" / "model_state_dict" also found) or the file's own
+  top-level tensors. Entries besides it (optimizer, epoch, ...) are returned by name and
+  ignored. A file that pickles objects outside torch's weights-only allowlist (for example the
+  training `args` as an argparse.Namespace) is refused with the names of those classes, unless
+  the caller lists them in `safe_globals` ("module.Class") after deciding to trust them.
+  `.safetensors`: this project's reader.
+  """
   path = pathlib.Path(path)
-  if path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-    import torch
-    ckpt = torch.load(str(path), weights_only=True, map_location="cpu")
-    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(state, dict):
-      raise ValueError(f"{path}: expected a dict with a 'model' state dict, got {type(ckpt).__name__}")
-    return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-            for k, v in state.items() if hasattr(v, "numpy")}
-  from chatrex_jax.convert import safetensors_io
-  return dict(safetensors_io.Checkpoint(path).items())
+  if path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
+    from chatrex_jax.convert import safetensors_io
+    return dict(safetensors_io.Checkpoint(path).items()), []
+  import importlib
+  import pickle
+  import torch
+  allowed = []
+  for name in safe_globals:
+    module, _, attr = name.rpartition(".")
+    allowed.append(getattr(importlib.import_module(module), attr))
+  try:
+    with torch.serialization.safe_globals(allowed):
+      ckpt = torch.load(str(path), weights_only=True, map_location="cpu")
+  except pickle.UnpicklingError as e:
+    try:
+      unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # not a torch.save archive at all: the original refusal says so
+      unsafe = []
+    if not unsafe:
+      raise
+    raise ConversionError(
+        f"UPN checkpoint {path}", other=[
+            f"the file pickles objects outside torch's weights-only allowlist: {unsafe}. This "
+            "project never unpickles arbitrary objects; if you trust the file, allow exactly "
+            "these classes (Python: read_checkpoint(..., safe_globals=[...]); CLI: "
+            f"--safe-globals {' '.join(unsafe)}), or save ckpt['model'] alone with "
+            f"torch.save / safetensors. ({str(e).splitlines()[0]})"]) from None
+  if not isinstance(ckpt, dict):
+    raise ValueError(f"{path}: expected a dict (a state dict or {{'model': state dict, ...}}), "
+                     f"got {type(ckpt).__name__}")
+  key = next((k for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)), None)
+  state = ckpt[key] if key else {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+  extras = sorted(str(k) for k in ckpt if k != key and (key or not isinstance(ckpt[k], torch.Tensor)))
+  tensors = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
+             for k, v in state.items() if isinstance(v, torch.Tensor)}
+  return tensors, extras
 
 
-def load_params(path, config: UPNConfig | None = None, *, dtype=None) -> tuple[dict, LoadReport]:
+def load_state_dict(path: str | pathlib.Path, **kw) -> dict[str, np.ndarray]:
+  """The state dict of an official checkpoint file (`read_checkpoint` without the extras)."""
+  return read_checkpoint(path, **kw)[0]
+
+
+def load_params(path, config: UPNConfig | None = None, *, dtype=None,
+                safe_globals: Iterable[str] = ()) -> tuple[dict, LoadReport]:
   """Official checkpoint file -> (Flax params, LoadReport). config defaults to UPN-Large."""
-  return to_flax(load_state_dict(path), config or UPNConfig(), dtype=dtype)
+  state, extras = read_checkpoint(path, safe_globals=safe_globals)
+  params, report = to_flax(state, config or UPNConfig(), dtype=dtype)
+  report.extras = extras
+  return params, report
 
 
 def unused(keys: Iterable[str], config: UPNConfig) -> list[str]:

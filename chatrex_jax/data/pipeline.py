@@ -237,10 +237,9 @@ class _MakeRef:
 
 
 def _tokenizer_and_template(tokenizer_dir: str, template_name: str):
-  from transformers import AutoTokenizer
   if not tokenizer_dir:
     raise ValueError("data.tokenizer_dir is empty: point it at a checkpoint / tokenizer directory")
-  tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+  tok = tokenize.load_tokenizer(tokenizer_dir)
   missing = [t for t in C.SPECIAL_TOKENS if t not in tok.get_vocab()]
   if missing:
     raise ValueError(f"tokenizer {tokenizer_dir} lacks {len(missing)} ChatRex tokens (first "

@@ -103,26 +103,70 @@ def _get(cfg: Any, key: str, default=None):
   return getattr(cfg, key, default)
 
 
-def detect_template(tokenizer: Any = None, config: Any = None) -> ChatTemplate:
-  """The chat template of an LLM family, from the checkpoint config and/or the tokenizer.
+def render(template: ChatTemplate, turns: Sequence[tuple[str, str | None]], system: str | None = None,
+           eos_token: str = "") -> str:
+  """The conversation as one string (the eos of a `suffix_as_eos=False` template as `eos_token`)."""
+  return "".join(eos_token if chunk == EOS_CHUNK else chunk[0]
+                 for chunk in conversation_chunks(template, turns, system))
 
-  config (dict or HF config): `model_type` / `architectures` naming Qwen -> QWEN_CHAT,
-  LLaMA / LLaVA / Vicuna -> VICUNA_V1. Otherwise the tokenizer decides: a vocabulary with
-  `<|im_start|>` -> QWEN_CHAT; a `<s>` BOS (LLaMA sentencepiece) -> VICUNA_V1.
-  Raises ValueError when neither tells (pass the template explicitly then).
+
+def template_from_tokenizer(tokenizer) -> tuple[ChatTemplate, str | None] | None:
+  """The known template that renders a conversation exactly as the tokenizer's own chat
+  template (its Jinja `chat_template`) does, and the system text that Jinja template inserts
+  by itself (None if it inserts none). None when the tokenizer has no chat template or it
+  matches no known template.
+
+  The check renders a two-turn conversation with sentinel texts both ways, so it holds for the
+  prompt layout, the answer suffix and the separators, not just for the first turn.
   """
+  if not getattr(tokenizer, "chat_template", None):
+    return None
+  u1, a1, u2 = "\x02first question\x02", "\x02first answer\x02", "\x02second question\x02"
+  messages = [{"role": "user", "content": u1}, {"role": "assistant", "content": a1},
+              {"role": "user", "content": u2}]
+  try:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+  except Exception:  # a template that cannot render plain turns (tools, images): not ours
+    return None
+  turns = [(u1, a1), (u2, None)]
+  eos = getattr(tokenizer, "eos_token", None) or ""
+  for template in TEMPLATES.values():
+    if render(template, turns, system="", eos_token=eos) == text:
+      return template, None
+    marker = "\x02system\x02"
+    before, _, after = render(template, turns, system=marker, eos_token=eos).partition(marker)
+    if text.startswith(before) and text.endswith(after) and len(text) > len(before) + len(after):
+      system = text[len(before):len(text) - len(after)]
+      if render(template, turns, system=system, eos_token=eos) == text:
+        return template, system
+  return None
+
+
+def detect_template(tokenizer: Any = None, config: Any = None) -> ChatTemplate:
+  """The chat template of a tokenizer (and/or checkpoint config).
+
+  In order: the tokenizer's own Jinja chat template, matched against the known templates
+  (`template_from_tokenizer`); its vocabulary (`<|im_start|>` -> QWEN_CHAT (ChatML); a `<s>`
+  BOS, the LLaMA sentencepiece vocabulary -> VICUNA_V1); only then the config's `model_type` /
+  `architectures` (Qwen -> QWEN_CHAT; LLaMA / LLaVA / Vicuna -> VICUNA_V1), which says which
+  network the weights are, not how its tokenizer was chat-trained. Raises ValueError when
+  nothing tells (pass the template explicitly then).
+  """
+  if tokenizer is not None:
+    found = template_from_tokenizer(tokenizer)
+    if found is not None:
+      return found[0]
+    vocab = tokenizer.get_vocab()
+    if C.QWEN_IM_START in vocab:
+      return QWEN_CHAT
+    if getattr(tokenizer, "bos_token", None) == "<s>" or "llama" in type(tokenizer).__name__.lower():
+      return VICUNA_V1
   model_type = str(_get(config, "model_type", "") or "").lower()
   archs = " ".join(_get(config, "architectures", None) or []).lower()
   if model_type in _QWEN_TYPES or "qwen" in archs:
     return QWEN_CHAT
   if model_type in _LLAMA_TYPES or "llama" in archs or "llava" in archs:
     return VICUNA_V1
-  if tokenizer is not None:
-    vocab = tokenizer.get_vocab()
-    if C.QWEN_IM_START in vocab:
-      return QWEN_CHAT
-    if getattr(tokenizer, "bos_token", None) == "<s>" or "llama" in type(tokenizer).__name__.lower():
-      return VICUNA_V1
   raise ValueError(
       f"cannot tell the chat template (model_type={model_type!r}, architectures={archs!r}, "
       f"tokenizer={type(tokenizer).__name__}); pass one of {sorted(TEMPLATES)} explicitly")
@@ -169,6 +213,18 @@ def apply_template(template: ChatTemplate, user_text: str, system: str | None = 
 # Tokenisation
 
 
+def load_tokenizer(path):
+  """A checkpoint folder's tokenizer, loaded as the official code loads it (`use_fast=False`
+  under transformers 4.x): a sentencepiece LLaMA / Vicuna tokenizer (`tokenizer.model`) as that
+  slow class (`llama_tokenizer.SentencePieceLlamaTokenizer`; transformers 5's converted one
+  encodes ChatRex prompts differently), any other with `AutoTokenizer` (local files only)."""
+  from chatrex_jax.data import llama_tokenizer
+  if llama_tokenizer.is_sentencepiece_llama(path):
+    return llama_tokenizer.SentencePieceLlamaTokenizer.from_pretrained(path)
+  from transformers import AutoTokenizer
+  return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def split_special_strings(text: str, specials: Sequence[str] = C.PLACEHOLDERS) -> list[str]:
   """Splits text on the special strings, keeping them, dropping empty pieces (official)."""
   pattern = "|".join(map(re.escape, specials))
@@ -179,11 +235,27 @@ def _encode(tokenizer, text: str) -> list[int]:
   return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def adds_bos(tokenizer) -> bool:
+  """Whether a prompt starts with BOS: the tokenizer has one and its own encoding adds it.
+
+  RexSeek's `tokenizer_image_object_token` prepends `bos_token_id` whenever it exists; that
+  agrees with this rule on every tokenizer the official code meets (LLaMA/Vicuna add `<s>`,
+  Qwen2 has no BOS). It differs only for ChatML tokenizers whose BOS is `<|im_start|>` but
+  is never added by encoding (SmolLM2): the official rule would open every prompt with two
+  `<|im_start|>`, which no such model was trained on.
+  """
+  bos = tokenizer.bos_token_id
+  if bos is None:
+    return False
+  ids = tokenizer.encode("a", add_special_tokens=True)
+  return bool(ids) and ids[0] == bos
+
+
 def tokenize_with_placeholders(text: str, tokenizer, add_bos: bool | None = None) -> list[int]:
   """The official `tokenizer_image_object_token`: ids with -200 for `<image>`, -300 for
-  `<objfeat>`; BOS first iff the tokenizer has one (or add_bos says so)."""
+  `<objfeat>`; BOS first when `adds_bos(tokenizer)` (or add_bos says so)."""
   bos = tokenizer.bos_token_id
-  add_bos = bos is not None if add_bos is None else add_bos
+  add_bos = adds_bos(tokenizer) if add_bos is None else add_bos
   if add_bos and bos is None:
     raise ValueError("add_bos=True but the tokenizer has no BOS token")
   ids = [bos] if add_bos else []
@@ -218,7 +290,7 @@ def build_training_example(turns: Sequence[tuple[str, str]], tokenizer,
   template = template or detect_template(tokenizer)
   ids: list[int] = []
   labels: list[int] = []
-  if tokenizer.bos_token_id is not None:
+  if adds_bos(tokenizer):
     ids.append(tokenizer.bos_token_id)
     labels.append(C.IGNORE_INDEX)
   for text, labelled in conversation_chunks(template, turns, system):

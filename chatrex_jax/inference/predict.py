@@ -107,6 +107,12 @@ def main(argv=None) -> int:
   p.add_argument("--min-score", type=float, default=0.3)
   p.add_argument("--nms", type=float, default=0.8, help="NMS IoU threshold; <= 0 disables")
   p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--chat-template", choices=("qwen_chat", "vicuna_v1"), default=None,
+                 help="default: the tokenizer's own (its Jinja template, else its vocabulary: "
+                      "<|im_start|> -> qwen_chat, a sentencepiece <s> -> vicuna_v1)")
+  p.add_argument("--system", default=None,
+                 help="system turn (default: the template's own: LLaVA's vicuna_v1 sentence, none "
+                      "for qwen_chat); '' leaves it out")
   p.add_argument("--out", default="prediction.png", help="PNG with the boxes drawn")
   p.add_argument("--json", help="also write the parsed result here")
   args = p.parse_args(argv)
@@ -152,7 +158,8 @@ def main(argv=None) -> int:
       p.error(f"--query names box(es) {bad} but there are only {kept} input boxes")
 
   from chatrex_jax.inference.pipeline import ChatRexPipeline
-  pipe = ChatRexPipeline.from_checkpoint(args.checkpoint)
+  pipe = ChatRexPipeline.from_checkpoint(args.checkpoint, template=args.chat_template,
+                                         system=args.system)
   pred = pipe.run(image, args.task, boxes=boxes, scores=scores,
                   max_new_tokens=args.max_new_tokens, **task_kw)
   result = pred.to_dict()

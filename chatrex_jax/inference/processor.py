@@ -444,10 +444,13 @@ class ChatRexProcessor:
   max_square_side: refuse images whose expand2square canvas side exceeds it.
   tokenizer: a HF tokenizer with the ChatRex special tokens (optional; without one,
   `process` returns the prompt text only). template: a `ChatTemplate` or its name; None detects
-  it from the tokenizer (`tokenize.detect_template`).
+  it from the tokenizer (`tokenize.detect_template`). system: the system turn; None uses the
+  template's default (LLaVA's `vicuna_v1` sentence for LLaMA / Vicuna checkpoints; none for
+  ChatML / Qwen, as RexSeek's processor), "" leaves it out.
   """
   tokenizer: Any = None
   template: Any = None
+  system: str | None = None
   aux_size: int = C.AUX_IMAGE_SIZE
   clip_size: int = C.CLIP_IMAGE_SIZE
   background: tuple[int, int, int] = C.PAD_COLOUR
@@ -469,13 +472,12 @@ class ChatRexProcessor:
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> "ChatRexProcessor":
-    """Processor for a checkpoint directory: its tokenizer (`AutoTokenizer.from_pretrained`,
-    local files only) and the chat template detected from its config.json + tokenizer."""
+    """Processor for a checkpoint directory: its tokenizer (`tokenize.load_tokenizer`, as the
+    official code loads it) and the chat template detected from it (and config.json)."""
     import json
-    from transformers import AutoTokenizer
     from chatrex_jax.data import tokenize
     path = pathlib.Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    tokenizer = tokenize.load_tokenizer(path)
     config = None
     if (path / "config.json").exists():
       config = json.loads((path / "config.json").read_text())
@@ -537,13 +539,15 @@ class ChatRexProcessor:
   # -- prompts and tokens ------------------------------------------------------------------
 
   def prompt(self, question: str, num_objects: int, system: str | None = None) -> tuple[str, str]:
-    """(user text, full prompt string) for a question about an image with num_objects boxes."""
+    """(user text, full prompt string) for a question about an image with num_objects boxes
+    (system: this call's system turn; None: the processor's `system`)."""
     from chatrex_jax.data import tokenize
     from chatrex_jax.inference import prompts
     if self.template is None:
       raise ValueError("no chat template: pass tokenizer= or template= to ChatRexProcessor")
     user = prompts.build_user_text(question, num_objects)
-    return user, tokenize.apply_template(self.template, user, system=system)
+    return user, tokenize.apply_template(self.template, user,
+                                         system=self.system if system is None else system)
 
   def process(self, image: ImageInput, question: str, boxes=None,
               system: str | None = None, *, scores=None) -> ProcessedSample:

@@ -212,7 +212,7 @@ class UPNPredictor:
     from chatrex_jax.convert import upn as convert_upn
     config = config or UPNConfig()
     params, report = convert_upn.load_params(path, config)
-    if report.unexpected:
+    if report.unexpected or report.filled or report.extras:
       print(f"UPN checkpoint {path}: {report}")
     return cls(params, config, **kw)
 

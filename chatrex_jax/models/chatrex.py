@@ -131,6 +131,39 @@ class ChatRex(nn.Module):
       result.update(inter)
     return result
 
+  def label_logits(self, batch: Mapping[str, jax.Array], max_label_tokens: int):
+    """Logits only where a next-token label is: the training loss never builds [B, T, V].
+
+    batch as `__call__` plus labels [B, T]. Returns (logits [B, L, V] fp32, targets [B, L],
+    valid [B, L] bool, dropped [] int): the first L = `max_label_tokens` labelled positions of
+    each row in order (hidden state t predicts label t + 1), and how many labelled tokens did
+    not fit in L (0 when L covers every answer; the caller reports it).
+    """
+    embeds, _ = self.embed_inputs(batch)
+    hidden = self.llm(inputs_embeds=embeds, positions=batch["position_ids"],
+                      key_valid=batch["attention_mask"].astype(bool), compute_logits=False)["hidden"]
+    positions, targets, valid, dropped = label_positions(batch["labels"], max_label_tokens)
+    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    return self.llm.logits_from_hidden(picked).astype(jnp.float32), targets, valid, dropped
+
+
+def label_positions(labels: jax.Array, max_label_tokens: int):
+  """labels [B, T] -> (positions [B, L], targets [B, L], valid [B, L], dropped []).
+
+  positions[b, l] is the hidden-state index t whose next-token target labels[b, t + 1] is the
+  l-th labelled token of row b; rows with fewer labels are padded with valid = False.
+  """
+  shift = labels[:, 1:]
+  is_label = shift != C.IGNORE_INDEX
+  length = shift.shape[1]
+  take = min(max_label_tokens, length)
+  # A stable sort on "not a label" puts the labelled positions first, in order.
+  positions = jnp.argsort(~is_label, axis=1, stable=True)[:, :take].astype(jnp.int32)
+  valid = jnp.take_along_axis(is_label, positions, axis=1)
+  targets = jnp.where(valid, jnp.take_along_axis(shift, positions, axis=1), 0)
+  dropped = jnp.sum(is_label) - jnp.sum(valid)
+  return positions, targets, valid, dropped
+
 
 def lm_loss(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Next-token cross-entropy over labels != IGNORE_INDEX (HF `ForCausalLMLoss`).

@@ -33,6 +33,9 @@ class Projection(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   precision: Any = None
+  # dtype of the product (accumulation and result): None = `dtype`. bf16 inputs with an fp32
+  # result keep the rounding to the matmul's inputs (what the MXU does anyway).
+  out_dtype: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -52,9 +55,10 @@ class Projection(nn.Module):
                         shape, self.param_dtype)
     x_axes = tuple(range(x.ndim - n_in, x.ndim))
     y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((x_axes, in_axes), ((), ())), precision=self.precision)
+                            ((x_axes, in_axes), ((), ())), precision=self.precision,
+                            preferred_element_type=self.out_dtype)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_names)),
                         features, self.param_dtype)
-      y = y + bias.astype(self.dtype)
+      y = y + bias.astype(y.dtype)
     return y

@@ -45,9 +45,16 @@ class LLMConfig:
   attention_bias: bool = True  # Qwen2: q/k/v bias; LLaMA: none
   max_position_embeddings: int = 32768
   family: str = "qwen2"  # "qwen2" | "llama"
+  # config.json's own model_type ("chatrex" for the release), written back on export; a label
+  # of the file, not of the network, so two configs of the same network compare equal.
+  model_type: str = dataclasses.field(default="", compare=False)
   # Implementation choices (not in HF configs).
-  dtype: Any = jnp.float32  # compute dtype (bf16 on accelerators)
+  dtype: Any = jnp.float32  # compute dtype of the matmuls (bf16 on accelerators)
   param_dtype: Any = jnp.float32
+  # The residual stream (embeddings, every `x + f(x)`): fp32 by default even with bf16 matmuls.
+  # Real models carry outlier activations of ~1e4 in it, where one bf16 ulp is ~1e2; summing
+  # 2L block outputs there in bf16 is what moves bf16 logits away from fp32.
+  residual_dtype: Any = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
 
@@ -67,19 +74,22 @@ class LLMConfig:
     return dict(self.rope_scaling) if self.rope_scaling else None
 
   @classmethod
-  def from_hf(cls, hf: dict, **overrides) -> "LLMConfig":
-    """From a HF config.json dict (Qwen2Config / LlamaConfig, transformers 4.x or 5.x)."""
-    model_type = hf.get("model_type", "")
-    family = "llama" if model_type in ("llama", "mistral", "vicuna") else "qwen2"
-    if model_type not in ("qwen2", "llama", "mistral", "", "vicuna", "rexseek_qwen", "chatrex"):
-      if "qwen" in model_type:
-        family = "qwen2"
-      elif "llama" in model_type or "llava" in model_type:
-        family = "llama"
+  def from_hf(cls, hf: dict, *, qkv_bias: Optional[bool] = None, tokenizer_class: Optional[str] = None,
+              **overrides) -> "LLMConfig":
+    """From a HF config.json dict (Qwen2Config / LlamaConfig, transformers 4.x or 5.x).
+
+    The family and every default come from what the checkpoint's files say (`infer_family`):
+    qkv_bias: whether the weights hold q/k/v bias tensors (None: not looked at);
+    tokenizer_class: tokenizer_config.json's `tokenizer_class` (None: unknown).
+    Missing fields take the HF config classes' defaults (rope_theta 1e4, rms_norm_eps 1e-6,
+    no bias for LLaMA), never a family guess. `family=` in overrides skips the inference.
+    """
+    family = overrides.pop("family", None) or infer_family(hf, qkv_bias=qkv_bias,
+                                                            tokenizer_class=tokenizer_class)
     rope_params = hf.get("rope_parameters") or {}
     rope_theta = hf.get("rope_theta", rope_params.get("rope_theta"))
     if rope_theta is None:
-      rope_theta = 1e6 if family == "qwen2" else 1e4
+      rope_theta = HF_DEFAULT_ROPE_THETA
     scaling = hf.get("rope_scaling") or None
     if scaling is None and rope_params.get("rope_type", "default") != "default":
       scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
@@ -87,17 +97,29 @@ class LLMConfig:
       scaling = None
     if hf.get("use_sliding_window", False):
       raise ValueError("sliding-window attention is not supported (use_sliding_window=true)")
+    if family == "qwen2":
+      bias = True   # Qwen2 always has q/k/v bias (Qwen2Config has no switch)
+    elif "attention_bias" in hf:
+      bias = bool(hf["attention_bias"])
+    else:
+      bias = bool(qkv_bias)
+    if qkv_bias is not None and qkv_bias != bias:
+      raise ValueError(
+          f"config.json and the weights disagree: family {family!r}"
+          + (f" with attention_bias={hf['attention_bias']}" if "attention_bias" in hf else "")
+          + f" means q/k/v bias {bias}, but the weights {'have' if qkv_bias else 'lack'} "
+          "q/k/v bias tensors; fix `attention_bias` / `model_type` in config.json")
     kw = dict(
         vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
         intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
         num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        head_dim=hf.get("head_dim"), rms_norm_eps=hf.get("rms_norm_eps", HF_DEFAULT_RMS_EPS),
         rope_theta=float(rope_theta),
         rope_scaling=tuple(sorted(scaling.items())) if scaling else None,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attention_bias=bool(hf.get("attention_bias", family == "qwen2")),
-        max_position_embeddings=hf.get("max_position_embeddings", 32768), family=family)
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), attention_bias=bias,
+        max_position_embeddings=hf.get("max_position_embeddings", 32768), family=family,
+        model_type=str(hf.get("model_type") or family))
     if hf.get("hidden_act", "silu") != "silu":
       raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     kw.update(overrides)
@@ -123,20 +145,75 @@ class LLMConfig:
     return out
 
 
+# HF config-class defaults (Qwen2Config and LlamaConfig agree) for fields a config.json omits.
+HF_DEFAULT_ROPE_THETA = 10000.0
+HF_DEFAULT_RMS_EPS = 1e-6
+
+# What each kind of evidence says about the family.
+FAMILY_OF_MODEL_TYPE = {"qwen2": "qwen2", "qwen2_5": "qwen2", "qwen": "qwen2", "rexseek_qwen": "qwen2",
+                        "llama": "llama", "mistral": "llama", "vicuna": "llama", "llava": "llama",
+                        "llava_llama": "llama"}
+FAMILY_OF_TOKENIZER = {"Qwen2Tokenizer": "qwen2", "Qwen2TokenizerFast": "qwen2",
+                       "LlamaTokenizer": "llama", "LlamaTokenizerFast": "llama",
+                       "CodeLlamaTokenizer": "llama", "CodeLlamaTokenizerFast": "llama"}
+
+
+def infer_family(hf: dict, *, qkv_bias: Optional[bool] = None,
+                 tokenizer_class: Optional[str] = None) -> str:
+  """The decoder family ("qwen2" or "llama") a checkpoint holds, from what its files say.
+
+  Evidence: config.json's `model_type` and `architectures` when they name a family (the
+  release says "chatrex", which names none), an explicit `attention_bias` field (LlamaConfig
+  has it, Qwen2Config not), whether the weights hold q/k/v bias tensors (Qwen2 always does),
+  and tokenizer_config.json's `tokenizer_class`. All that speak must agree; a ValueError names
+  every source and what it says otherwise, and when none speaks.
+  """
+  votes: dict[str, str] = {}
+  model_type = str(hf.get("model_type") or "").lower()
+  if model_type in FAMILY_OF_MODEL_TYPE:
+    votes[f"config.json model_type={model_type!r}"] = FAMILY_OF_MODEL_TYPE[model_type]
+  for arch in hf.get("architectures") or []:
+    low = arch.lower()
+    if "qwen" in low or "llama" in low or "llava" in low:
+      votes[f"config.json architectures={arch!r}"] = "qwen2" if "qwen" in low else "llama"
+  if "attention_bias" in hf:
+    votes["config.json attention_bias field"] = "llama"
+  elif qkv_bias is not None:
+    votes[f"weights {'with' if qkv_bias else 'without'} q/k/v bias"] = "qwen2" if qkv_bias else "llama"
+  if tokenizer_class in FAMILY_OF_TOKENIZER:
+    votes[f"tokenizer_class={tokenizer_class!r}"] = FAMILY_OF_TOKENIZER[tokenizer_class]
+  families = set(votes.values())
+  if len(families) == 1:
+    return families.pop()
+  said = "; ".join(f"{k} -> {v}" for k, v in votes.items())
+  if not families:
+    raise ValueError(f"cannot tell the LLM family (model_type={model_type!r}): nothing in the "
+                     "checkpoint names Qwen2 or LLaMA; pass family='qwen2' or 'llama'")
+  raise ValueError(f"the checkpoint disagrees on the LLM family: {said}. Fix the field that is "
+                   "wrong (or pass family= explicitly)")
+
+
 # ----------------------------------------------------------------------------- RoPE
 
+def accumulation_dtype(dtype) -> np.dtype:
+  """Where norms, RoPE angles, softmax and logits are computed: at least fp32 (fp64 stays
+  fp64, so an x64 run is exact end to end)."""
+  return np.dtype(jnp.promote_types(dtype, jnp.float32))
+
+
 def rope_inv_freq(config: LLMConfig) -> tuple[np.ndarray, float]:
-  """HF's `inv_freq` [H/2] (float32) and attention scaling for the configured rope type."""
+  """HF's `inv_freq` [H/2] (float32, as HF computes it; float64 for a float64 config) and
+  attention scaling for the configured rope type."""
   dim = config.dim_per_head
-  base = np.float32(config.rope_theta)
-  inv_freq = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim)
-              ).astype(np.float32)
+  acc = accumulation_dtype(config.dtype).type
+  base = acc(config.rope_theta)
+  inv_freq = (1.0 / base ** (np.arange(0, dim, 2, dtype=np.int64).astype(acc) / dim)).astype(acc)
   scaling = config.rope_scaling_dict
   if not scaling:
     return inv_freq, 1.0
   kind = scaling.get("rope_type", scaling.get("type"))
   if kind == "linear":
-    return (inv_freq / np.float32(scaling["factor"])).astype(np.float32), 1.0
+    return (inv_freq / acc(scaling["factor"])).astype(acc), 1.0
   if kind == "llama3":
     factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
     old_len = scaling["original_max_position_embeddings"]
@@ -146,14 +223,14 @@ def rope_inv_freq(config: LLMConfig) -> tuple[np.ndarray, float]:
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
-    return np.where(medium, smoothed, scaled).astype(np.float32), 1.0
+    return np.where(medium, smoothed, scaled).astype(acc), 1.0
   raise NotImplementedError(
       f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
 
 
 def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray, attn_scale: float = 1.0) -> Array:
   """Rotate-half RoPE as HF: x [B, T, N, H], positions [B, T] int -> [B, T, N, H]."""
-  freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+  freqs = positions.astype(inv_freq.dtype)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
   emb = jnp.concatenate([freqs, freqs], axis=-1)
   cos = (jnp.cos(emb) * attn_scale)[:, :, None, :].astype(x.dtype)
   sin = (jnp.sin(emb) * attn_scale)[:, :, None, :].astype(x.dtype)
@@ -178,7 +255,7 @@ class RMSNorm(nn.Module):
   def __call__(self, x: Array) -> Array:
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accumulation_dtype(self.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return scale.astype(self.dtype) * x32.astype(self.dtype)
 
@@ -198,16 +275,19 @@ class Attention(nn.Module):
     g = n // k
     std = 0.02
 
-    def proj(name, heads, head_axis):
+    acc = accumulation_dtype(cfg.dtype)
+
+    def proj(name, heads, head_axis):  # results in fp32: RoPE rotates unrounded q / k
       return Projection((heads, h), ("embed",), (head_axis, "head_dim"), use_bias=cfg.attention_bias,
-                        std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name)(x)
+                        std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=acc,
+                        name=name)(x)
 
     q = proj("q_proj", n, "heads")
     key = proj("k_proj", k, "kv_heads")
-    value = proj("v_proj", k, "kv_heads")
+    value = proj("v_proj", k, "kv_heads").astype(cfg.dtype)
     inv_freq, attn_scale = rope_inv_freq(cfg)
-    q = apply_rope(q, positions, inv_freq, attn_scale)
-    key = apply_rope(key, positions, inv_freq, attn_scale)
+    q = apply_rope(q, positions, inv_freq, attn_scale).astype(cfg.dtype)
+    key = apply_rope(key, positions, inv_freq, attn_scale).astype(cfg.dtype)
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
 
     b, t = x.shape[:2]
@@ -224,13 +304,13 @@ class Attention(nn.Module):
       allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
 
     q = q.reshape(b, t, k, g, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(q.dtype)).astype(jnp.float32)
-    scores = scores / np.float32(math.sqrt(h))
-    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(q.dtype), preferred_element_type=acc)
+    scores = scores / acc.type(math.sqrt(h))
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(cfg.dtype)).reshape(b, t, n, h)
     out = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False, std=std,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="o_proj")(out)
+                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=acc, name="o_proj")(out)
     return out, new_cache
 
 
@@ -241,10 +321,11 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x):
     cfg = self.config
+    acc = accumulation_dtype(cfg.dtype)
 
-    def dense(name, features, names):
-      return nn.Dense(features, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      kernel_init=_init(0.02, names), name=name)
+    def dense(name, features, names):  # bf16 inputs, fp32 results (see Projection.out_dtype)
+      return Projection((features,), names[:1], names[1:], use_bias=False, std=0.02, dtype=cfg.dtype,
+                        param_dtype=cfg.param_dtype, out_dtype=acc, name=name)
     hidden = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
     hidden = hidden * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
@@ -341,7 +422,7 @@ class CausalLM(nn.Module):
   def setup(self):
     cfg = self.config
     self.embed_tokens = nn.Embed(
-        cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.residual_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_init(0.02, ("vocab", "embed")))
     self.decoder = Decoder(cfg)
     if not cfg.tie_word_embeddings:
@@ -352,8 +433,12 @@ class CausalLM(nn.Module):
     return self.embed_tokens(ids)
 
   def logits_from_hidden(self, h: Array) -> Array:
-    if self.config.tie_word_embeddings:
-      logits = self.embed_tokens.attend(h)
+    cfg = self.config
+    # bf16 inputs, fp32 (accumulation dtype) outputs: logits of ~40 rounded to bf16 would move
+    # by up to 0.125 (most of bf16's KL to fp32), so the product is never rounded to bf16.
+    if cfg.tie_word_embeddings:  # the embedding's transpose
+      logits = jnp.dot(h.astype(cfg.dtype), self.embed_tokens.embedding.astype(cfg.dtype).T,
+                       preferred_element_type=accumulation_dtype(cfg.dtype))
     else:
       logits = self.lm_head(h)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
@@ -372,7 +457,7 @@ class CausalLM(nn.Module):
     """
     if (ids is None) == (inputs_embeds is None):
       raise ValueError("pass exactly one of ids / inputs_embeds")
-    x = self.embed(ids) if inputs_embeds is None else inputs_embeds.astype(self.config.dtype)
+    x = self.embed(ids) if inputs_embeds is None else inputs_embeds.astype(self.config.residual_dtype)
     b, t = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -387,7 +472,7 @@ class CausalLM(nn.Module):
                                                cache_index, return_hidden_states)
     out = {"hidden": h, "cache": new_cache, "hidden_states": hidden_states}
     if compute_logits:
-      out["logits"] = self.logits_from_hidden(h).astype(jnp.float32)
+      out["logits"] = self.logits_from_hidden(h).astype(accumulation_dtype(self.config.dtype))
     return out
 
 

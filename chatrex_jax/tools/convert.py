@@ -1,6 +1,7 @@
 """`chatrex-jax convert`: official checkpoints <-> this project's formats, both directions.
 
   chatrex-jax convert llm --from HF_DIR --to FLAX_DIR         # and FLAX_DIR -> HF_DIR
+  chatrex-jax convert llm --from MODEL.gguf --to HF_DIR       # llama.cpp GGUF -> HF (+ tokenizer)
   chatrex-jax convert chatrex --from OFFICIAL_DIR --to OUT_DIR [--layout rexseek|llava]
   chatrex-jax convert chatrex --from OFFICIAL_DIR --to OUT_DIR --format orbax   # and back
   chatrex-jax convert upn --from upn_large.pth --to upn_flax.safetensors [--config large]
@@ -127,10 +128,13 @@ def _count_leaves(tree) -> int:
 # ----------------------------------------------------------------------------- llm
 
 def run_llm(args) -> int:
+  from chatrex_jax.convert import gguf
   from chatrex_jax.convert import llm as llm_convert
   from chatrex_jax.convert import safetensors_io
   from chatrex_jax.models.llm import LLMConfig
-  src = _folder(args.src, "an LLM checkpoint folder (config.json + *.safetensors)")
+  if gguf.is_gguf(args.src):
+    return run_gguf(args)
+  src = _folder(args.src, "an LLM checkpoint folder (config.json + *.safetensors), or a .gguf file")
   ckpt = _open_checkpoint(src)
   to_flax = not _is_flax_keyed(ckpt)
   ckpt.close()
@@ -140,7 +144,8 @@ def run_llm(args) -> int:
     llm_convert.convert_hf_to_flax_checkpoint(src, dst, max_shard_bytes=max_shard)
     direction = "HF -> Flax (load with chatrex_jax.convert.llm.load_flax_checkpoint)"
   else:
-    config = LLMConfig.from_hf(llm_convert.read_hf_config(src))
+    config = LLMConfig.from_hf(llm_convert.read_hf_config(src),
+                               tokenizer_class=llm_convert.tokenizer_class(src))
     params = llm_convert.load_flax_checkpoint(src)
     llm_convert.save_hf(params, config, dst, max_shard_bytes=max_shard)
     direction = "Flax -> HF (transformers.AutoModelForCausalLM.from_pretrained loads it)"
@@ -149,6 +154,24 @@ def run_llm(args) -> int:
   n = len(out)
   out.close()
   _report(dst, n, [direction] + ([f"copied {', '.join(copied)}"] if copied else []))
+  return 0
+
+
+def run_gguf(args) -> int:
+  """A llama.cpp GGUF file -> HF folder (float32 safetensors, config.json, tokenizer)."""
+  from chatrex_jax.convert import gguf, safetensors_io
+  from chatrex_jax.convert.mapping import ConversionError
+  src = pathlib.Path(args.src)
+  dst = _output_folder(args.dst, src, args.overwrite)
+  try:
+    gguf.convert_to_hf(src, dst, max_shard_bytes=int(args.max_shard_mb * 2**20))
+  except (gguf.GGUFError, ConversionError) as e:
+    raise UsageError(str(e)) from None
+  out = safetensors_io.Checkpoint(dst)
+  n = len(out)
+  out.close()
+  _report(dst, n, ["GGUF -> HF (dequantised to float32; transformers.AutoModelForCausalLM and "
+                   "chatrex_jax.convert.llm.load_hf read it)"])
   return 0
 
 
@@ -167,6 +190,7 @@ def chatrex_config_json(config) -> dict:
   self-describing without tensor shapes in torch layout."""
   from chatrex_jax.convert import chatrex as chatrex_convert
   hf = chatrex_convert.config_to_hf(config)
+  hf["llm_family"] = config.llm.family   # an Orbax dir has no torch tensors to tell it by
   hf["vision_config"].update(num_channels=config.clip.num_channels,
                              select_layer=config.clip.select_layer,
                              select_feature=config.clip.select_feature)
@@ -190,7 +214,9 @@ def chatrex_config_from_json(hf: Mapping):
     return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
   clip = CLIPVisionConfig(**pick(CLIPVisionConfig, hf["vision_config"]))
   convnext = ConvNeXtConfig(**pick(ConvNeXtConfig, hf["convnext_config"]))
-  return ChatRexConfig(llm=LLMConfig.from_hf(dict(hf)), clip=clip, convnext=convnext,
+  llm = LLMConfig.from_hf({k: v for k, v in hf.items() if k != "llm_family"},
+                          family=hf.get("llm_family"))
+  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext,
                        aux_image_size=int(hf["aux_image_size"]))
 
 
@@ -341,11 +367,14 @@ def run_upn(args) -> int:
                  "relative_position_index buffers)")
   else:
     try:
-      state = upn_convert.load_state_dict(src)
+      state, extras = upn_convert.read_checkpoint(src, safe_globals=args.safe_globals)
+    except mapping.ConversionError as e:   # objects outside the weights-only allowlist
+      raise UsageError(str(e)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's refusals
       raise UsageError(f"{src}: not a readable PyTorch checkpoint with plain tensors "
                        f"(read with weights_only=True): {str(e).splitlines()[0]}") from None
     params, report = upn_convert.to_flax(state, config)
+    report.extras = extras
     del state
     if report.unexpected and args.strict:
       raise UsageError(f"{src}: {report} (drop --strict to skip them, as the official load does)")
@@ -364,7 +393,7 @@ def run_upn(args) -> int:
       count = len(flat)
       notes.append("official -> Flax (keys are Flax paths; chatrex_jax.convert.mapping.unflatten "
                    "of safetensors_io.load_file gives the params)")
-    if report.unexpected or report.missing_aliases:
+    if report.unexpected or report.missing_aliases or report.filled or report.extras:
       notes.append(f"skipped: {report}")
   _report(dst, count, notes)
   return 0
@@ -449,8 +478,8 @@ def _export_chatrex(args, config, params) -> int:
     if not pathlib.Path(tok_dir).is_dir():
       raise UsageError(f"config.data.tokenizer_dir {tok_dir} is not a folder: set "
                        "--config.data.tokenizer_dir to the tokenizer the run trained with")
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    from chatrex_jax.data.tokenize import load_tokenizer
+    tokenizer = load_tokenizer(tok_dir)
   try:
     model = model_config(config.model, len(tokenizer) if tokenizer is not None else None)
   except ValueError as e:
@@ -483,8 +512,10 @@ def _parser() -> argparse.ArgumentParser:
       sp.add_argument("--max-shard-mb", type=float, default=5 * 1024,
                       help="largest safetensors shard written (MiB, default 5120)")
 
-  sp = sub.add_parser("llm", help="HF Qwen2/LLaMA folder <-> Flax-keyed safetensors folder")
-  sp.add_argument("--from", dest="src", required=True, help="HF folder or a `convert llm` output")
+  sp = sub.add_parser("llm", help="HF Qwen2/LLaMA folder <-> Flax-keyed safetensors folder; "
+                      "GGUF file -> HF folder")
+  sp.add_argument("--from", dest="src", required=True,
+                  help="HF folder, a `convert llm` output, or a llama.cpp .gguf file")
   sp.add_argument("--to", dest="dst", required=True, help="output folder")
   common(sp)
   sp.set_defaults(run=run_llm)
@@ -506,6 +537,9 @@ def _parser() -> argparse.ArgumentParser:
   sp.add_argument("--format", choices=("flax", "official"), default="flax",
                   help="what an official source becomes (a Flax source always becomes official)")
   sp.add_argument("--strict", action="store_true", help="refuse checkpoint keys the model does not use")
+  sp.add_argument("--safe-globals", nargs="*", default=(), metavar="MODULE.CLASS",
+                  help="classes a trusted .pth may pickle besides tensors (e.g. argparse.Namespace); "
+                       "the file is still read with weights_only=True")
   common(sp, shards=False)
   sp.set_defaults(run=run_upn)
 

@@ -24,23 +24,62 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
-  """ChatRexConfig from the `model` section of a training config."""
+  """ChatRexConfig from the `model` section of a training config.
+
+  An empty `model.llm` takes the whole architecture (LLM, towers, image sizes) from the
+  `model.init_from` checkpoint, so fine-tuning a released or converted model needs no sizes
+  in the config; the training switches (dtype, scan, remat, tower freezing) stay the config's.
+  """
+  dtype = DTYPES[model_cfg.get("compute_dtype", "float32")]
+  remat = model_cfg.get("remat_policy", "none")
+  switches = dict(train_vision_tower=model_cfg.get("train_vision_tower", True),
+                  train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
+  if not model_cfg.get("llm"):
+    if not model_cfg.get("init_from"):
+      raise ValueError("model.llm is empty and model.init_from is not set: give the LLM sizes, or "
+                       "a checkpoint to take the architecture from")
+    from chatrex_jax.convert import chatrex as chatrex_convert
+    config = chatrex_convert.read_config(model_cfg.init_from)
+    return dataclasses.replace(
+        config, llm=dataclasses.replace(config.llm, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
+                                        remat_policy=remat),
+        clip=dataclasses.replace(config.clip, dtype=dtype, remat=remat != "none"),
+        convnext=dataclasses.replace(config.convnext, dtype=dtype), **switches)
   llm_hf = dict(model_cfg.llm)
   if not llm_hf.get("vocab_size"):
     if vocab_size is None:
       raise ValueError("model.llm.vocab_size is 0 (take it from the tokenizer) but no tokenizer "
                        "was given: set data.tokenizer_dir")
     llm_hf["vocab_size"] = vocab_size
-  dtype = DTYPES[model_cfg.get("compute_dtype", "float32")]
   llm = LLMConfig.from_hf(llm_hf, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                          remat_policy=model_cfg.get("remat_policy", "none"))
+                          remat_policy=remat)
   clip = dict(model_cfg.clip)
-  clip = CLIPVisionConfig(**clip, dtype=dtype, remat=model_cfg.get("remat_policy", "none") != "none")
+  clip = CLIPVisionConfig(**clip, dtype=dtype, remat=remat != "none")
   convnext = ConvNeXtConfig(depths=tuple(model_cfg.convnext["depths"]), dims=tuple(model_cfg.convnext["dims"]),
                             dtype=dtype)
   return ChatRexConfig(llm=llm, clip=clip, convnext=convnext, aux_image_size=model_cfg.aux_image_size,
-                       train_vision_tower=model_cfg.get("train_vision_tower", True),
-                       train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
+                       **switches)
+
+
+def next_token_loss(logits, targets, valid, object_ids=None, dropped=None):
+  """(summed NLL, label count, metrics) of next-token targets.
+
+  logits [B, L, V], targets [B, L] int (any value where not valid), valid [B, L] bool;
+  object_ids: the [first, last) ids of `<obj0>`..`<obj99>`, for `object_token_accuracy`, the
+  accuracy of the grounding decision itself (which `<objK>` to emit).
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  total = jnp.sum(jnp.where(valid, nll, 0.0))
+  count = valid.sum().astype(jnp.float32)
+  hit = valid & (jnp.argmax(logits, -1) == targets)
+  metrics = {"token_accuracy": jnp.sum(hit) / jnp.maximum(count, 1.0)}
+  if dropped is not None:
+    metrics["label_tokens_dropped"] = dropped.astype(jnp.float32)
+  if object_ids is not None:
+    is_obj = valid & (targets >= object_ids[0]) & (targets < object_ids[1])
+    metrics["object_token_accuracy"] = jnp.sum(hit & is_obj) / jnp.maximum(jnp.sum(is_obj), 1)
+  return total, count, metrics
 
 
 class ChatRexTask:
@@ -51,8 +90,8 @@ class ChatRexTask:
     self.tokenizer = None
     vocab = None
     if config.data.get("tokenizer_dir"):
-      from transformers import AutoTokenizer
-      self.tokenizer = AutoTokenizer.from_pretrained(config.data.tokenizer_dir, local_files_only=True)
+      from chatrex_jax.data import tokenize
+      self.tokenizer = tokenize.load_tokenizer(config.data.tokenizer_dir)
       vocab = len(self.tokenizer)
     self.model_config = model_config(config.model, vocab)
     if self.tokenizer is not None and len(self.tokenizer) > self.model_config.llm.vocab_size:
@@ -60,6 +99,11 @@ class ChatRexTask:
                        f"{self.model_config.llm.vocab_size}: resize with convert.llm.resize_vocab")
     self.model = ChatRex(self.model_config)
     self.stage = config.stage
+    # `<obj0>`..`<obj99>` ids (contiguous, added in order): for the object-choice accuracy.
+    self.object_ids = None
+    if self.tokenizer is not None and C.OBJECT_TOKENS[0] in self.tokenizer.get_vocab():
+      first = self.tokenizer.convert_tokens_to_ids(C.OBJECT_TOKENS[0])
+      self.object_ids = (first, first + C.MAX_NUM_OBJECTS)
 
   # -- parameters ------------------------------------------------------------------------------
 
@@ -74,21 +118,35 @@ class ChatRexTask:
     return self.model.init(rng, self._example())["params"]
 
   def pretrained_params(self):
-    """Parameters from `model.init_from` (official-layout folder), or None for random init."""
+    """Parameters from `model.init_from` (official-layout folder), or None for random init.
+
+    The checkpoint must hold the configured network: every LLM size, the family and the
+    vocabulary are compared first, and a mismatch names each field (e.g. a Vicuna-based
+    release under the Qwen2.5 config: pass the config argument `STAGE,vicuna`)."""
     path = self.config.model.get("init_from", "")
     if not path:
       return None
     from chatrex_jax.convert import chatrex as chatrex_convert
+    found = chatrex_convert.read_config(path)
+    fields = ("family", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "attention_bias", "tie_word_embeddings",
+              "rope_theta", "rms_norm_eps")
+    want = self.model_config.llm
+    diff = [f"{f}: checkpoint {getattr(found.llm, f)!r}, config {getattr(want, f)!r}"
+            for f in fields if getattr(found.llm, f) != getattr(want, f)]
+    if diff:
+      raise ValueError(f"model.init_from={path} holds another LLM than model.llm: " + "; ".join(diff)
+                       + ". Use the config of its base (configs/chatrex_7b.py:STAGE,vicuna for the "
+                       "released ChatRex-7B) or leave model.llm empty to take the checkpoint's")
     config, params, _ = chatrex_convert.load_checkpoint(path)
-    if config.llm.vocab_size != self.model_config.llm.vocab_size:
-      raise ValueError(f"{path}: vocabulary {config.llm.vocab_size} != model {self.model_config.llm.vocab_size}")
     if self.model_config.llm.scan_layers:
       from chatrex_jax.convert import llm as llm_convert
       params["llm"] = llm_convert.stack_layers(params["llm"], config.llm.num_hidden_layers)
     return params
 
   def trainable_patterns(self):
-    return STAGE_PATTERNS[self.stage]
+    """The stage's parameters (`optimizer.STAGE_PATTERNS`), or `train.trainable_patterns`."""
+    return tuple(self.config.train.get("trainable_patterns", None) or STAGE_PATTERNS[self.stage])
 
   def frozen_patterns(self):
     out = []
@@ -104,17 +162,24 @@ class ChatRexTask:
   # -- loss ------------------------------------------------------------------------------------
 
   def loss(self, params, batch, rng):
-    logits = self.model.apply({"params": params}, batch)["logits"]
-    labels = batch["labels"]
-    shift_logits = logits[:, :-1].astype(jnp.float32)
-    shift_labels = labels[:, 1:]
-    valid = shift_labels != C.IGNORE_INDEX
-    logp = jax.nn.log_softmax(shift_logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, jnp.where(valid, shift_labels, 0)[..., None], axis=-1)[..., 0]
-    total = jnp.sum(jnp.where(valid, nll, 0.0))
-    count = valid.sum().astype(jnp.float32)
-    correct = jnp.sum(jnp.where(valid, jnp.argmax(shift_logits, -1) == shift_labels, False))
-    return total, count, {"token_accuracy": correct / jnp.maximum(count, 1.0)}
+    """Summed next-token NLL over the answer tokens, their count, and token accuracy.
+
+    With `train.max_label_tokens` = L > 0 the logits are computed only at the (first L)
+    labelled positions of each row (`ChatRex.label_logits`): ChatRex labels answers only, so
+    this skips most of the LM head and never builds [B, T, V]; labels beyond L are counted in
+    the `label_tokens_dropped` metric (keep it at 0 by sizing L to the longest answer).
+    """
+    limit = int(self.config.train.get("max_label_tokens", 0) or 0)
+    if limit:
+      logits, targets, valid, dropped = self.model.apply({"params": params}, batch, limit,
+                                                         method=ChatRex.label_logits)
+    else:
+      logits = self.model.apply({"params": params}, batch)["logits"][:, :-1]
+      targets = batch["labels"][:, 1:]
+      valid = targets != C.IGNORE_INDEX
+      targets = jnp.where(valid, targets, 0)
+      dropped = jnp.int32(0)
+    return next_token_loss(logits, targets, valid, self.object_ids, dropped)
 
   # -- data ------------------------------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""The demo's pretrained tiny LLM: object lookup learned from text (`chatrex_jax.demo.tiny_llm`).
+
+  python -m chatrex_jax.demo.tiny_llm --workdir /tmp/tiny_llm_run --out chatrex_jax/demo/assets/tiny_llm
+  python -m chatrex_jax.demo.tiny_llm ... --config.optim.total_steps=200   # a short smoke run
+
+Sections: model (a LLaMA-family decoder, HF config names), tokenizer (byte-level BPE trained on
+the corpus), data (text scenes -> ChatRex conversations with bag-of-words object slots), optim,
+train, mesh (as every training config).
+"""
+import ml_collections
+
+from chatrex_jax.train.sharding import FSDP_RULES
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.task = "tiny_llm"
+  c.model = ml_collections.ConfigDict(dict(
+      hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=8,
+      num_key_value_heads=4, rope_theta=1e4, rms_norm_eps=1e-5, tie_word_embeddings=True,
+      max_position_embeddings=4096, model_type="llama"))
+  c.tokenizer = ml_collections.ConfigDict(dict(vocab_size=1400, corpus_scenes=3000))
+  c.data = ml_collections.ConfigDict(dict(
+      seed=0, batch_size=32, seq_len=128, max_objects=16,
+      num_image_tokens=16,     # the `<image>` slots (the demo's CLIP grid: 56 px / 14 = 4 x 4)
+      slot_noise=0.2,          # object slot = phrase mean embedding + noise of this relative size
+      image_noise=1.0,         # image slots: noise of this size relative to the embedding rms
+      min_objects=2, max_objects_per_scene=8,
+      tasks=dict(weights={"grounding": 2.0, "region": 2.0, "grounded_caption": 0.5},
+                 grounding_kinds={"category": 1.0, "phrase": 1.0, "referring": 2.0},
+                 region_granularities={"category": 2.0, "short_phrase": 1.0, "brief": 0.5,
+                                       "one_sentence": 0.25},
+                 grounding_max_queries=3, region_max_regions=3, prompt_variants="all",
+                 brief_caption_max_sentences=1),
+      proposals=dict(use_stored=False, synthesize=True, min_extra=0, max_extra=8, dedup_iou=0.5,
+                     jitter_prob=0.5, jitter_scale=0.3)))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=3e-3, total_steps=9000, warmup_steps=200, end_lr_ratio=0.1, weight_decay=0.01,
+      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
+  c.train = ml_collections.ConfigDict(dict(
+      seed=0, grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=2,
+      async_checkpointing=False, max_label_tokens=0))
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.logical_rules = [list(r) for r in FSDP_RULES]
+  return c
