@@ -135,10 +135,10 @@ def main() -> None:
   print(f"{'non-model total (png)':<24} {rate['non_model_total_png']:>10.1f} records/s/core")
 
   # whole Beam pipeline, oracle backends
-  from data_engine import config as config_lib, pipeline
-  cfg = config_lib.to_plain(config_lib.load_config(
-      os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                   "configs", "data_engine_synthetic.py") + f":{n},{args.size}"))
+  from chatrex_jax import configs
+  from data_engine import config as config_lib
+  from data_engine import pipeline
+  cfg = config_lib.to_plain(configs.load_config(f"data_engine_synthetic:{n},{args.size}"))
   cfg.update(num_shards=4, shards_per_wave=0)
   beam_out = tempfile.mkdtemp()
   pipeline.run(cfg, beam_out)  # warm-up (imports, spaCy load)

@@ -64,6 +64,7 @@ def child(args):
   if args.side == "ours":
     import jax
     import jax.numpy as jnp
+
     from chatrex_jax.convert import llm as llm_convert
     from chatrex_jax.inference.generate import SamplingConfig, generate
     from chatrex_jax.models.llm import CausalLM

@@ -97,6 +97,7 @@ def _ours(devices: int, batch: int, n_boxes: int):
   """(jitted fn, device-put args builder) for the fused encoder."""
   import jax
   import numpy as np
+
   from chatrex_jax.models.object_encoder import MultiLevelRoIEncoder
   enc = MultiLevelRoIEncoder(output_size=7, spatial_scale=SCALE)
   fn = jax.jit(lambda feats, boxes, mask: enc.apply({}, feats, boxes, mask))
@@ -117,6 +118,7 @@ def _ours(devices: int, batch: int, n_boxes: int):
 def _ref_run(maps_t, boxes_t):
   """The official composition for a batch, one image at a time -> [B, O, 2880] torch."""
   import torch
+
   from chatrex_jax.tools.equivalence.object_encoder import torch_multi_level_roi
   with torch.no_grad():
     return torch.cat([torch_multi_level_roi([m[b:b + 1] for m in maps_t], boxes_t[b], 7, SCALE)

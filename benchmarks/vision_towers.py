@@ -204,15 +204,15 @@ def bench_clip(hf_kw: dict, batches, repeats: int, variants=("pruned", "full")) 
     model = clip_vit.CLIPVisionTower(cfg)
     params = jax.device_put(clip_convert.to_flax(state, cfg))
     if full:
-      fwd = jax.jit(lambda p, x: model.apply({"params": p}, x, output="all")["features"])
+      fwd = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x, output="all")["features"])
     else:
-      fwd = jax.jit(lambda p, x: model.apply({"params": p}, x))
+      fwd = jax.jit(lambda p, x, m=model: m.apply({"params": p}, x))
     for b in batches:
       x = np.random.default_rng(b).standard_normal((b, 3, cfg.image_size, cfg.image_size)).astype(np.float32)
       xt = torch.from_numpy(x)
       xj = jnp.asarray(x.transpose(0, 2, 3, 1))
 
-      def ref_fn():
+      def ref_fn(xt=xt):
         return ref(xt, output_hidden_states=True).hidden_states[-2][:, 1:]
       rows.append(_case(
           "clip_full" if full else "clip",
@@ -249,7 +249,7 @@ def bench_convnext(spec: dict, batches, repeats: int) -> list[dict]:
     xt = torch.from_numpy(x)
     xj = jnp.asarray(x.transpose(0, 2, 3, 1))
 
-    def ref_fn():
+    def ref_fn(xt=xt):
       h = trunk.stem(xt)
       outs = []
       for stage in trunk.stages:

@@ -6,7 +6,6 @@ Each subcommand lives in its own module exposing `main(argv: list[str]) -> int`,
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import sys
 
 # name -> (module with main(argv), one-line help)
@@ -21,36 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def available() -> dict[str, bool]:
-  """Which subcommands are built in this checkout."""
-  return {name: _exists(module) for name, (module, _) in COMMANDS.items()}
-
-
-def _exists(module: str) -> bool:
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ModuleNotFoundError:  # a parent package is missing
-    return False
-
-
 def _usage() -> str:
-  built = available()
   lines = ["usage: chatrex-jax COMMAND [ARGS...]", "", "commands:"]
-  for name, (_, help_) in COMMANDS.items():
-    lines.append(f"  {name:<18} {help_}{'' if built[name] else '  [not built yet]'}")
+  lines += [f"  {name:<18} {help_}" for name, (_, help_) in COMMANDS.items()]
   return "\n".join(lines)
-
-
-def _not_built(name: str) -> int:
-  if name == "demo":
-    built = [n for n, ok in available().items() if ok and n != "demo"]
-    print("chatrex-jax demo: the end-to-end demo is not built yet in this checkout.\n"
-          f"Built commands: {', '.join(built) or 'none'}.\n"
-          "Run `chatrex-jax check-equivalence` (every fixture in tests/golden) to check the "
-          "components that exist.")
-    return 0
-  print(f"chatrex-jax {name}: not built yet in this checkout.", file=sys.stderr)
-  return 2
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,10 +35,7 @@ def main(argv: list[str] | None = None) -> int:
   if name not in COMMANDS:
     print(f"chatrex-jax: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
     return 2
-  module_name = COMMANDS[name][0]
-  if not _exists(module_name):
-    return _not_built(name)
-  module = importlib.import_module(module_name)
+  module = importlib.import_module(COMMANDS[name][0])
   return int(module.main(rest) or 0)
 
 

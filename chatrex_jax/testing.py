@@ -7,7 +7,6 @@ import pathlib
 
 import numpy as np
 
-
 # tests/ is not part of the wheel: the shipped fixtures exist only in a source checkout (or an
 # editable install, whose package path points into one).
 SHIPPED_GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "tests" / "golden"
@@ -111,13 +110,15 @@ def make_release_checkpoint(dst, sentencepiece_model, *, seed: int = 0, hidden: 
   Returns (folder, ChatRexConfig, params)."""
   import dataclasses
   import json
-  import jax
+
   from flax.core import meta
+  import jax
+
   from chatrex_jax.convert import chatrex as chatrex_convert
-  from chatrex_jax.data import constants as C
-  from chatrex_jax.data.llama_tokenizer import SentencePieceLlamaTokenizer
   from chatrex_jax.models.chatrex import init_params
   from chatrex_jax.models.tiny import tiny_config
+  from chatrex_jax.protocol import tokens as C
+  from chatrex_jax.protocol.llama_tokenizer import SentencePieceLlamaTokenizer
   dst = pathlib.Path(dst)
   tok = SentencePieceLlamaTokenizer(vocab_file=str(sentencepiece_model))
   tok.add_tokens(list(C.SPECIAL_TOKENS), special_tokens=True)

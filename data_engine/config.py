@@ -27,10 +27,6 @@ Every field, with its default:
 """
 from __future__ import annotations
 
-import ast
-import importlib.util
-import os
-
 import ml_collections
 
 from data_engine.phrases import DEFAULT_ABSTRACT_NOUNS
@@ -66,42 +62,6 @@ def base_config() -> ml_collections.ConfigDict:
       "runner": "DirectRunner", "direct_num_workers": 1, "direct_running_mode": "in_memory",
       "pipeline_args": []})
   return c
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """`path/to/config.py[:ARG]` -> `get_config(ARG)`."""
-  path, _, arg = spec.partition(":")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"config file {path} not found")
-  module_spec = importlib.util.spec_from_file_location("_engine_config", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
-
-
-def _parse_value(text: str):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def apply_override(config: ml_collections.ConfigDict, dotted: str, value: str) -> None:
-  """`a.b.c=value` (value parsed as a Python literal, else a string)."""
-  keys = dotted.split(".")
-  node = config
-  for k in keys[:-1]:
-    node = node[k] if isinstance(node, dict) else getattr(node, k)
-  parsed = _parse_value(value)
-  if isinstance(node, dict):
-    node[keys[-1]] = parsed
-    return
-  if keys[-1] not in node:
-    raise KeyError(f"--config.{dotted}: no such field")
-  old = node[keys[-1]]
-  if isinstance(old, float) and isinstance(parsed, int) and not isinstance(parsed, bool):
-    parsed = float(parsed)
-  node[keys[-1]] = parsed
 
 
 def to_plain(config) -> dict:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import io
-import warnings
 from typing import Any
+import warnings
 
 import numpy as np
 from PIL import Image

@@ -1,7 +1,7 @@
 """`chatrex-jax data-engine` / `python -m data_engine`.
 
-    chatrex-jax data-engine --config configs/data_engine_synthetic.py:200 --output /tmp/scenes
-    chatrex-jax data-engine --config configs/data_engine_hf.py:/models --output /data/rv \\
+    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_synthetic.py:200 --output /tmp/scenes
+    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_hf.py:/models --output /data/rv \\
         --config.batch_size=16 --runner DataflowRunner -- --project=... --region=...
 
 Rerunning the same command resumes: finished shards are kept, the rest are redone.
@@ -13,6 +13,8 @@ import argparse
 import json
 import sys
 
+from chatrex_jax.configs import load_config, split_overrides
+
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -20,11 +22,11 @@ def main(argv: list[str] | None = None) -> int:
   if "--" in argv:
     i = argv.index("--")
     argv, beam_args = argv[:i], argv[i + 1:]
-  overrides = [a for a in argv if a.startswith("--config.")]
-  rest = [a for a in argv if not a.startswith("--config.")]
+  rest, overrides = split_overrides(argv)
   parser = argparse.ArgumentParser(prog="chatrex-jax data-engine", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/data_engine_synthetic.py:64")
+  parser.add_argument("--config", required=True,
+                      help="NAME[:ARG] (a packaged config, e.g. data_engine_synthetic:64) or FILE[:ARG]")
   parser.add_argument("--output", required=True, help="output directory (resumable)")
   parser.add_argument("--runner", default=None, help="Beam runner (default: DirectRunner)")
   parser.add_argument("--overwrite", action="store_true",
@@ -34,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from data_engine import config as config_lib
   from data_engine import pipeline
-  config = config_lib.load_config(args.config)
-  for o in overrides:
-    key, sep, value = o[len("--config."):].partition("=")
-    if not sep:
-      parser.error(f"{o}: expected --config.key=value")
-    config_lib.apply_override(config, key, value)
+  config = load_config(args.config, overrides)
   cfg = config_lib.to_plain(config)
   if args.runner:
     cfg["beam"]["runner"] = args.runner

@@ -13,7 +13,8 @@ The driver (`run`) lists the sources, assigns every item to a shard by its stabl
 checks the plan of an earlier run, and runs the pending shards in waves of
 `shards_per_wave` (0 = a single Beam run). A killed run loses at most the shards of the
 wave in flight; the rerun skips completed shards and rewrites the rest (the same bytes
-with deterministic backends; never a duplicate or a gap). After the last wave it writes manifest.json and the TFDS metadata and prints
+with deterministic backends; never a duplicate or a gap). After the last wave it writes
+manifest.json and the TFDS metadata and prints
 a summary (kept/dropped per stage and why).
 """
 from __future__ import annotations

@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from typing import Any, Iterable
+import uuid
 
 from chatrex_jax.data import schema
 

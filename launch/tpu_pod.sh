@@ -3,7 +3,7 @@
 #
 #   TPU_NAME=chatrex-v5p ZONE=us-east5-a ACCELERATOR_TYPE=v5p-256 launch/tpu_pod.sh create
 #   TPU_NAME=chatrex-v5p ZONE=us-east5-a launch/tpu_pod.sh install
-#   TPU_NAME=chatrex-v5p ZONE=us-east5-a CONFIG=configs/chatrex_7b.py:stage2 \
+#   TPU_NAME=chatrex-v5p ZONE=us-east5-a CONFIG=chatrex_jax/configs/chatrex_7b.py:stage2 \
 #       WORKDIR=gs://my-bucket/chatrex/stage2 launch/tpu_pod.sh run --config.model.init_from=/ckpt/init
 #   TPU_NAME=chatrex-v5p ZONE=us-east5-a launch/tpu_pod.sh logs          # worker 0, follow
 #   TPU_NAME=chatrex-v5p ZONE=us-east5-a launch/tpu_pod.sh stop          # SIGTERM: final checkpoint
@@ -43,7 +43,7 @@ environment (defaults in brackets):
   REMOTE_DIR        [chatrex-jax] (relative to the worker's home)   VENV [~/chatrex-venv]
   JAX_TPU           pip requirement for JAX on TPU [jax[tpu]==<local jax version>]
   PIP_EXTRAS        project extras, e.g. "engine" [none]
-  CONFIG            [configs/chatrex_7b.py:stage2]   WORKDIR  gs://bucket/path (required for run)
+  CONFIG            [chatrex_jax/configs/chatrex_7b.py:stage2]   WORKDIR  gs://bucket/path (required for run)
   LOG               [~/chatrex_train.log]   PIDFILE [~/chatrex_train.pid]   WORKER [0]  LINES [200]
   DRY_RUN           1: print the commands instead of running them
 EOF
@@ -54,7 +54,7 @@ SPOT=${SPOT:-0}
 QUEUED=${QUEUED:-0}
 REMOTE_DIR=${REMOTE_DIR:-chatrex-jax}
 VENV=${VENV:-'~/chatrex-venv'}
-CONFIG=${CONFIG:-configs/chatrex_7b.py:stage2}
+CONFIG=${CONFIG:-chatrex_jax/configs/chatrex_7b.py:stage2}
 LOG=${LOG:-'~/chatrex_train.log'}
 PIDFILE=${PIDFILE:-'~/chatrex_train.pid'}
 WORKER=${WORKER:-0}

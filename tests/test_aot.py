@@ -105,6 +105,7 @@ def test_shard_opt_state_gives_adam_moments_the_parameter_shardings():
 def test_trainer_optimizer_state_is_sharded_like_the_parameters(tmp_path):
   """The trainer's real optimizer state (Trainer.opt_state_shardings): mu/nu sharded, not replicated."""
   import flax.linen as nn
+
   from chatrex_jax.train import optimizer as opt_lib
   from chatrex_jax.train.main import build_task
   from chatrex_jax.train.trainer import Trainer
@@ -116,7 +117,8 @@ def test_trainer_optimizer_state_is_sharded_like_the_parameters(tmp_path):
   shardings = trainer.opt_state_shardings(abstract, mask)
   _, _, state, _ = aot.abstract_train_state(config, trainer.mesh)
   assert jax.tree.structure(shardings) == jax.tree.structure(state.opt_state)
-  for got, want in zip(jax.tree.leaves(shardings), jax.tree.leaves(jax.tree.map(lambda x: x.sharding, state.opt_state))):
+  want_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
+  for got, want in zip(jax.tree.leaves(shardings), jax.tree.leaves(want_shardings)):
     assert got.spec == want.spec
   assert _bytes(state.opt_state) - 2 * _bytes(state.trainable) <= 64
 
@@ -178,7 +180,7 @@ def test_cli_reexecs_onto_fake_cpu_devices(tmp_path):
 def test_7b_stage2_compiles_for_v5p_256(tmp_path):
   """Minutes of compilation: the 7B stage-2 step against compile-only v5p-256 devices."""
   out = tmp_path / "r.json"
-  cmd = [sys.executable, "-m", "chatrex_jax.tools.aot", "--config", "configs/chatrex_7b.py:stage2",
+  cmd = [sys.executable, "-m", "chatrex_jax.tools.aot", "--config", "chatrex_7b:stage2",
          "--topology", "v5p-256", "--shard-opt-state", "--report", str(out)]
   subprocess.run(cmd, check=False, cwd=aot.REPO_ROOT, env=dict(os.environ))
   r = json.loads(out.read_text())

@@ -1,6 +1,5 @@
 """ChatRex MLLM assembly: golden forward, batched vs per-sample generation, checkpoint round trips."""
 import dataclasses
-import json
 
 import jax
 import jax.numpy as jnp
@@ -95,7 +94,6 @@ def test_conversion_refuses_unknown_layout_and_reports_all_keys(golden):
 
 def test_frozen_aux_tower_gets_no_gradient(golden):
   _, config, params = golden
-  model = ChatRex(config)
   batch = example_batch(config, batch_size=1, num_tokens=24, max_objects=2)
   rng = np.random.default_rng(0)
   batch = dict(batch, pixel_values=jnp.asarray(rng.standard_normal(batch["pixel_values"].shape), jnp.float32),

@@ -190,13 +190,13 @@ def _save_train_state(workdir, trainable, frozen, step):
 
 
 def test_export_chatrex_workdir_to_a_predict_ready_folder(tmp_path, capsys):
+  from chatrex_jax.configs import load_config
   from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
   from chatrex_jax.inference.pipeline import ChatRexPipeline
   from chatrex_jax.train import optimizer as opt_lib
-  from chatrex_jax.train.main import load_config
   from chatrex_jax.train.mllm_task import model_config
   tok = build_tiny_tokenizer(tmp_path / "tok", vocab_size=300)
-  spec = f"{ROOT / 'configs' / 'chatrex_tiny.py'}:stage1"
+  spec = "chatrex_tiny:stage1"
   override = f"--config.data.tokenizer_dir={tmp_path / 'tok'}"
   cfg = load_config(spec, [override[len("--config."):]])
   model = model_config(cfg.model, len(tok))
@@ -223,10 +223,10 @@ def test_export_chatrex_workdir_to_a_predict_ready_folder(tmp_path, capsys):
 
 
 def test_export_upn_workdir_with_its_saved_config(tmp_path, capsys):
+  from chatrex_jax.configs import load_config
   from chatrex_jax.models.upn.upn import UPNConfig
-  from chatrex_jax.train.main import load_config
   from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
-  cfg = load_config(str(ROOT / "configs" / "upn_train_tiny.py"))
+  cfg = load_config("upn_train_tiny")
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))  # as `chatrex-jax train` does
@@ -292,7 +292,7 @@ def test_export_unknown_step_and_missing_config(tmp_path, capsys):
   _save_train_state(workdir, params, {}, step=3)
   code, _, err = run(["export", "--workdir", workdir, "--to", tmp_path / "o"], capsys)
   assert code == 2 and "config.json not found: give the run's training config with --config" in err
-  spec = str(ROOT / "configs" / "upn_train_tiny.py")
+  spec = "upn_train_tiny"
   code, _, err = run(["export", "--workdir", workdir, "--step", 9, "--to", tmp_path / "o.pth",
                       "--config", spec], capsys)
   assert code == 2 and "has no step 9; saved steps: [3]" in err, err

@@ -18,6 +18,7 @@ What is proven here:
 import dataclasses
 import io
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -204,7 +205,7 @@ def test_stochastic_depth_is_per_sample_drop_path():
   kept = np.asarray(jnp.all(jnp.abs(sto - det / 0.5) < 1e-5, axis=(1, 2, 3)))
   dropped = np.asarray(jnp.all(sto == 0, axis=(1, 2, 3)))
   assert np.all(kept ^ dropped) and kept.any() and dropped.any()
-  with pytest.raises(Exception):  # training mode needs a dropout rng
+  with pytest.raises(flax.errors.InvalidRngError):  # training mode needs a dropout rng
     block.apply(params, x, False)
 
 
@@ -268,9 +269,6 @@ def test_projector_and_fusion_match_torch(highest_precision):
   np.testing.assert_array_equal(fused, fused_t.numpy())
   got = projector.MLP2xGELU(40).apply({"params": params}, fused)
   testing.assert_close_to_scale(got, want, TOL, "mm_projector")
-  got2 = projector.ImageTokenProjector(40).apply(
-      {"params": {"mm_projector": params}}, jnp.asarray(clip_tok), jnp.asarray(cx_map.transpose(0, 2, 3, 1)))
-  np.testing.assert_array_equal(got, got2)
   with pytest.raises(ValueError, match="one position per token"):
     projector.fuse_image_tokens(jnp.asarray(clip_tok), jnp.zeros((2, 4, 4, 32)))
 
@@ -302,7 +300,7 @@ def test_training_step_frozen_vs_unfrozen():
     assert np.any(np.asarray(g)) != (p in unused), f"gradient of {p}"
 
   for frozen in (("clip", "convnext"), ()):
-    labels = {name: jax.tree_util.tree_map(lambda _: "frozen" if name in frozen else "train", sub)
+    labels = {name: jax.tree_util.tree_map(lambda _, f=name in frozen: "frozen" if f else "train", sub)
               for name, sub in params.items()}
     tx = optax.multi_transform({"train": optax.adam(1e-2), "frozen": optax.set_to_zero()}, labels)
     opt_state = tx.init(params)

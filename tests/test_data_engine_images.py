@@ -3,11 +3,11 @@ import base64
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from data_engine import filters, stages, synthetic
-from data_engine.testing import encode, bad_images, png_header_only, scene_png
+from data_engine.testing import bad_images, encode, png_header_only, scene_png
 
 
 def test_decode_bad_images_one_by_one():
@@ -75,7 +75,8 @@ def test_stage_load_handles_every_item_without_raising():
   ok_ref = {"key": "good", "source": "t", "item_id": "good", "meta": {},
             "load": {"kind": "inline", "b64": base64.b64encode(scene_png()).decode()}}
   nsfw_ref = dict(ok_ref, key="nsfw", meta={"nsfw": "true"})
-  white_ref = dict(ok_ref, key="white", load={"kind": "inline", "b64": base64.b64encode(encode(Image.new("RGB", (80, 80), "white"), "PNG")).decode()})
+  white_png = encode(Image.new("RGB", (80, 80), "white"), "PNG")
+  white_ref = dict(ok_ref, key="white", load={"kind": "inline", "b64": base64.b64encode(white_png).decode()})
   missing = dict(ok_ref, key="missing", load={"kind": "file", "path": "/nonexistent/x.png"})
   items += [stages.new_item(r, 0) for r in (ok_ref, nsfw_ref, white_ref, missing)]
   f = filters.ImageFilter(filters.FilterConfig(min_side=16))

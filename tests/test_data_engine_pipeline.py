@@ -15,18 +15,20 @@ pytest.importorskip("apache_beam")
 pytest.importorskip("array_record")
 pytest.importorskip("spacy")
 
+from chatrex_jax import configs  # noqa: E402
 from chatrex_jax.data import records, schema  # noqa: E402
-from data_engine import backends, config as config_lib, pipeline, stages, synthetic  # noqa: E402
+from data_engine import backends, pipeline, stages, synthetic  # noqa: E402
+from data_engine import config as config_lib  # noqa: E402
 from data_engine.backends import oracle  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SYNTH_CONFIG = os.path.join(REPO, "configs", "data_engine_synthetic.py")
+SYNTH_CONFIG = "data_engine_synthetic"
 
 
 def synthetic_cfg(arg: str, **over) -> dict:
-  cfg = config_lib.load_config(f"{SYNTH_CONFIG}:{arg}")
+  cfg = configs.load_config(f"{SYNTH_CONFIG}:{arg}")
   for k, v in over.items():
-    config_lib.apply_override(cfg, k, repr(v))
+    configs.set_path(cfg, k, repr(v))
   return config_lib.to_plain(cfg)
 
 
@@ -271,18 +273,17 @@ def test_tfds_reads_the_output(tmp_path):
 
 def test_cli_and_config_overrides():
   from chatrex_jax import cli
-  assert cli.available()["data-engine"]
-  cfg = config_lib.load_config(f"{SYNTH_CONFIG}:5,64")
-  config_lib.apply_override(cfg, "verify.threshold", "0.75")
-  config_lib.apply_override(cfg, "backends.vlm.kind", "oracle_vlm")
-  config_lib.apply_override(cfg, "num_shards", "3")
+  assert cli.COMMANDS["data-engine"][0] == "data_engine.main"
+  cfg = configs.load_config(f"{SYNTH_CONFIG}:5,64")
+  configs.set_path(cfg, "verify.threshold", "0.75")
+  configs.set_path(cfg, "backends.vlm.kind", "oracle_vlm")
+  configs.set_path(cfg, "num_shards", "3")
   plain = config_lib.to_plain(cfg)
   assert plain["verify"]["threshold"] == 0.75 and plain["num_shards"] == 3
   assert plain["sources"][0]["num_images"] == 5 and plain["sources"][0]["image_size"] == 64
-  with pytest.raises(KeyError, match="no such field"):
-    config_lib.apply_override(cfg, "verify.nope", "1")
-  hf = config_lib.to_plain(config_lib.load_config(
-      os.path.join(REPO, "configs", "data_engine_hf.py") + ":/models"))
+  with pytest.raises(KeyError, match="no field 'verify.nope'"):
+    configs.set_path(cfg, "verify.nope", "1")
+  hf = config_lib.to_plain(configs.load_config("data_engine_hf:/models"))
   assert hf["backends"]["grounding"]["model_dir"] == "/models/grounding"
   assert hf["sources"][0]["kind"] == "folder"  # real data: never the synthetic source
 

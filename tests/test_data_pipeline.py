@@ -5,8 +5,6 @@ shapes, per-process sharding, mixture weights, clear errors for bad records."""
 import collections
 import io
 import json
-import os
-import re
 
 import numpy as np
 import pytest
@@ -14,33 +12,22 @@ import pytest
 pytest.importorskip("array_record")
 pytest.importorskip("grain")
 
-from chatrex_jax.data import constants as C  # noqa: E402
-from chatrex_jax.data import pipeline, schema, tasks, tokenize  # noqa: E402
+from chatrex_jax.data import pipeline, schema, tasks  # noqa: E402
 from chatrex_jax.data.tiny_tokenizer import DEFAULT_TEXTS, build_tiny_tokenizer  # noqa: E402
 from chatrex_jax.inference import processor as proc  # noqa: E402
+from chatrex_jax.protocol import image as image_protocol  # noqa: E402
+from chatrex_jax.protocol import templates  # noqa: E402
+from chatrex_jax.protocol import tokens as C  # noqa: E402
 from data_engine import synthetic  # noqa: E402
-from tests.test_tasks import parse_groups, scene_record  # noqa: E402
+from tests.builders import (  # noqa: E402
+  parse_groups,
+  scene_record,
+  write_engine_dataset,  # noqa: E402
+)
 
 CLIP, AUX, NI, T, M, B = 28, 64, 4, 320, 12, 4
 
 
-def write_engine_dataset(directory, recs, records_per_shard=5, name="scenes", split="train"):
-  """Engine-format output: ArrayRecord shards + manifest.json (what data_engine writes)."""
-  from data_engine.writer import write_array_record
-  os.makedirs(directory, exist_ok=True)
-  n = max(1, -(-len(recs) // records_per_shard))
-  shards = []
-  for i in range(n):
-    part = recs[i * records_per_shard:(i + 1) * records_per_shard]
-    fname = schema.shard_filename(name, split, i, n)
-    write_array_record(os.path.join(directory, fname),
-                       [r if isinstance(r, bytes) else schema.encode(r) for r in part])
-    shards.append({"file": fname, "num_records": len(part)})
-  manifest = {"name": name, "schema_version": schema.SCHEMA_VERSION,
-              "splits": {split: {"num_records": len(recs), "shards": shards}}}
-  with open(os.path.join(directory, "manifest.json"), "w") as f:
-    json.dump(manifest, f)
-  return directory
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +97,7 @@ def test_static_shapes_and_dtypes(tok_dir, data_dirs):
   assert len(tasks_seen) >= 3
   # exactly the model's batch layout: every key of `example_batch`, same shape and dtype
   from types import SimpleNamespace
+
   from chatrex_jax.models import chatrex
   model_cfg = SimpleNamespace(clip=SimpleNamespace(image_size=CLIP), aux_image_size=AUX)
   ref = chatrex.example_batch(model_cfg, B, T, M)
@@ -178,13 +166,13 @@ def test_labels_only_on_answers_and_end_of_turn(family, tok_dir, llama_tok_dir, 
       assert tok.decode(lab.tolist(), skip_special_tokens=False) == want
       # labelled positions are text positions whose token is the label (teacher forcing)
       pos = labels != C.IGNORE_INDEX
-      assert np.all(out["source"][pos] == tokenize.SOURCE_TEXT)
+      assert np.all(out["source"][pos] == C.SOURCE_TEXT)
       np.testing.assert_array_equal(out["token_ids"][pos], labels[pos])
       # the prompt (everything before the first answer) decodes to the chat template
       first = int(np.flatnonzero(pos)[0])
-      text_before = out["token_ids"][:first][out["source"][:first] == tokenize.SOURCE_TEXT]
+      text_before = out["token_ids"][:first][out["source"][:first] == C.SOURCE_TEXT]
       prompt = tok.decode(text_before.tolist(), skip_special_tokens=False)
-      chunk = tokenize.conversation_chunks(template, sample.turns)[0][0]
+      chunk = templates.conversation_chunks(template, sample.turns)[0][0]
       assert prompt == (tok.bos_token or "") + chunk.replace("<image>", "").replace("<objfeat>", "")
       n_multi += len(sample.turns) > 1
   assert n_multi > 0
@@ -217,7 +205,7 @@ def test_answer_indices_point_at_ground_truth_boxes(tok_dir, data_dirs):
       answer = tok.decode(lab[lab != C.IGNORE_INDEX].tolist(), skip_special_tokens=False)
       n = int(batch["num_boxes"][b])
       # the ground-truth boxes in the aux frame, computed independently of the pipeline
-      gt = proc.transform_boxes([r["box"] for r in rec["regions"]], (rec["width"], rec["height"]), AUX)
+      gt = image_protocol.transform_boxes([r["box"] for r in rec["regions"]], (rec["width"], rec["height"]), AUX)
       given = batch["boxes"][b, :n]
       is_gt = [bool(np.any(np.all(given[k] == gt, -1))) for k in range(n)]
       assert sum(is_gt) == len(rec["regions"])  # every region given once
@@ -340,8 +328,8 @@ def test_bad_records_name_key_and_field(tok_dir, tmp_path):
 def test_grain_orbax_checkpoint_handler_and_in_memory_sources(tok_dir, data_dirs, tmp_path):
   """The iterator is a grain.DatasetIterator: Grain's Orbax handler saves/restores it; sources
   may also be given directly (any random-access sequence of record dicts)."""
-  import grain
   from etils import epath
+  import grain
   srcs = [("a", data_dirs["recs_a"], 1.0), ("b", data_dirs["recs_b"], 1.0)]
   cfg = tiny_config(tok_dir, [{"path": "unused-a", "weight": 1.0}, {"path": "unused-b", "weight": 1.0}])
   it = pipeline.make_iterator(cfg, sources=srcs, process_index=0, process_count=1)
@@ -387,6 +375,7 @@ def test_tiny_model_consumes_batches_without_recompiling(tok_dir, data_dirs):
   import jax
   import jax.numpy as jnp
   from transformers import AutoTokenizer
+
   from chatrex_jax.models import chatrex
   from chatrex_jax.models.tiny import tiny_config as tiny_model
   model_cfg = tiny_model(len(AutoTokenizer.from_pretrained(tok_dir)), hidden=32, layers=1)

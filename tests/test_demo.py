@@ -8,8 +8,8 @@ The full run (`chatrex-jax demo`, about 15 min on 2 cores) is the slow test at t
 import json
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from chatrex_jax.demo import run as demo
 

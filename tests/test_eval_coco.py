@@ -4,9 +4,9 @@ import io
 import json
 
 import numpy as np
-import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+import pytest
 
 from chatrex_jax.eval import coco as coco_lib
 

@@ -1,7 +1,7 @@
 """RexSeek precision / recall / DensityF1: the code's definition (spec D) on hand cases."""
 import numpy as np
-import pytest
 from pycocotools import mask as mask_utils
+import pytest
 
 from chatrex_jax.eval import density_f1 as D
 

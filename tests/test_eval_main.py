@@ -1,11 +1,11 @@
 """`chatrex-jax eval`: metric subcommands on hand files, and a tiny-model end-to-end run."""
 import json
 
+from flax.core import meta
 import jax
 import numpy as np
-import pytest
-from flax.core import meta
 from PIL import Image
+import pytest
 
 from chatrex_jax import cli
 from chatrex_jax.eval import main as eval_main

@@ -2,7 +2,7 @@
 import pytest
 
 from chatrex_jax.eval import prompts as P
-from chatrex_jax.inference.parser import parse_grounded
+from chatrex_jax.protocol.grammar import parse_grounded
 
 
 def _lvis_like(n=1203):
@@ -54,13 +54,13 @@ def test_merge_back_per_category():
   answers = []
   for c in chunks:
     parts = []
-    for k, name in zip(c.categories, c.names):
+    for k in c.categories:
       if k == 1:
-        parts.append(f"<ground>Traffic Light</ground><objects><obj0><obj3></objects>")
+        parts.append("<ground>Traffic Light</ground><objects><obj0><obj3></objects>")
       if k == 3:
-        parts.append(f"<ground>dog</ground><objects><obj1></objects>")
+        parts.append("<ground>dog</ground><objects><obj1></objects>")
       if k == 4:
-        parts.append(f"<ground>bow (weapon)</ground><objects><obj2></objects>")
+        parts.append("<ground>bow (weapon)</ground><objects><obj2></objects>")
     parts.append("<ground>unicorn</ground><objects><obj4></objects>")
     answers.append(parse_grounded("\n".join(parts), num_boxes=10, repeated="keep"))
   merged = P.merge_answers(chunks, answers)

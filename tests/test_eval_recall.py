@@ -9,6 +9,7 @@ def test_host_iou_equals_torchvision_and_jnp():
   import jax.numpy as jnp
   import torch
   import torchvision
+
   from chatrex_jax.ops.boxes import pairwise_iou, pairwise_iou_host
   rng = np.random.default_rng(0)
   xy = rng.uniform(0, 50, (2, 40, 2))

@@ -33,8 +33,8 @@ def llama_cpp_permute(w: np.ndarray, heads: int) -> np.ndarray:
 
 def hf_state(config: LLMConfig, seed: int) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(seed)
-  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
-                        jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  shapes = jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+  params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   import flax.linen as nn
   return dict(llm_convert.to_torch_state(nn.unbox(params), config))
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import tokenize
-from chatrex_jax.data.llama_tokenizer import SentencePieceLlamaTokenizer
+from chatrex_jax.protocol import tokenize
+from chatrex_jax.protocol import tokens as C
+from chatrex_jax.protocol.llama_tokenizer import SentencePieceLlamaTokenizer
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "llama_spm"
 CASES = json.loads((FIXTURE / "cases.json").read_text())

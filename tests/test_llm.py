@@ -7,45 +7,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import transformers
 
 from chatrex_jax.convert import llm as llm_convert
-from chatrex_jax.convert.mapping import ConversionError
 from chatrex_jax.inference.generate import SamplingConfig, generate, select_token
 from chatrex_jax.models.llm import CausalLM, LLMConfig
 from chatrex_jax.testing import assert_close_to_scale
 from chatrex_jax.train import sharding
+from tests.builders import BASE, make_hf, to_flax
 
 torch.set_num_threads(2)
 
-BASE = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
-            max_position_embeddings=2048)
 
 
-def make_hf(family: str, tied: bool, seed: int = 0, **kw):
-  torch.manual_seed(seed)
-  if family == "qwen2":
-    cfg = transformers.Qwen2Config(**BASE, rope_theta=1e6, tie_word_embeddings=tied, **kw)
-    model = transformers.Qwen2ForCausalLM(cfg)
-  else:
-    cfg = transformers.LlamaConfig(**dict(BASE, rms_norm_eps=1e-5), rope_theta=1e4,
-                                   tie_word_embeddings=tied, **kw)
-    model = transformers.LlamaForCausalLM(cfg)
-  model.config._attn_implementation = "eager"
-  with torch.no_grad():  # away from init values so that wrong wiring cannot hide
-    for p in model.parameters():
-      p.add_(0.1 * torch.randn_like(p))
-  model.eval()
-  state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
-  return model, state
 
 
-def to_flax(model, state, **overrides):
-  config = LLMConfig.from_hf(model.config.to_dict(), **overrides)
-  jmodel = CausalLM(config)
-  expected = jax.eval_shape(jmodel.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return config, jmodel, llm_convert.from_torch_state(state, config, expected=expected)
 
 
 CASES = [("qwen2", False), ("qwen2", True), ("llama", False), ("llama", True)]

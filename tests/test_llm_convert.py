@@ -16,7 +16,7 @@ from chatrex_jax.convert import safetensors_io
 from chatrex_jax.convert.mapping import ConversionError, check_bijective
 from chatrex_jax.models.llm import CausalLM, LLMConfig
 from chatrex_jax.tools import check_equivalence
-from tests.test_llm import BASE, make_hf, to_flax
+from tests.builders import make_hf, to_flax
 
 
 @pytest.mark.parametrize("family,tied", [("qwen2", False), ("llama", True)])
@@ -88,7 +88,8 @@ def test_vocab_extension_matches_spec():
     base = new_vocab - 104
     np.testing.assert_array_equal(emb[:base], old_emb[:base])
     np.testing.assert_allclose(emb[base:], np.broadcast_to(old_emb[:base].mean(0), (104, 64)), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(head[:, base:], np.broadcast_to(old_head[:, :base].mean(1, keepdims=True), (64, 104)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(head[:, base:], np.broadcast_to(old_head[:, :base].mean(1, keepdims=True), (64, 104)),
+                               rtol=1e-6, atol=1e-7)
     assert keep <= emb.shape[0]
     out = CausalLM(cfg).apply({"params": new}, jnp.zeros((1, 3), jnp.int32))["logits"]
     assert out.shape == (1, 3, new_vocab)
@@ -150,7 +151,8 @@ def test_sharded_checkpoint_converts_with_bounded_memory(tmp_path):
 
   def run(mode):
     out = subprocess.run([sys.executable, str(probe), mode, str(tmp_path / "src"), str(tmp_path / mode)],
-                         capture_output=True, text=True, check=True, env={"JAX_PLATFORMS": "cpu", **__import__("os").environ})
+                         capture_output=True, text=True, check=True,
+                         env={"JAX_PLATFORMS": "cpu", **__import__("os").environ})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_extra"]
   cap = 128 * 2**20  # disk-to-disk: one 32 MiB output shard + a few tensors in flight
   disk_peak = run("disk")
@@ -167,8 +169,8 @@ def test_sharded_checkpoint_converts_with_bounded_memory(tmp_path):
 
 
 def test_add_chatrex_tokens_to_a_local_tokenizer(tmp_path):
-  from chatrex_jax.data.constants import SPECIAL_TOKENS
   from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
+  from chatrex_jax.protocol.tokens import SPECIAL_TOKENS
   tok = build_tiny_tokenizer(tmp_path / "tok", add_chatrex_tokens=False, vocab_size=300)
   assert len(tok) <= 384  # like Qwen: the embedding matrix is at least the tokenizer
   hf, state = make_hf("qwen2", False, seed=25)

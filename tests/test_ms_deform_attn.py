@@ -31,7 +31,8 @@ def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_forward_matches_grid_sample(seed, highest_precision):
   value, loc, attn = make_inputs(seed)
-  want = torch_ms_deform_attn_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc), torch.from_numpy(attn)).numpy()
+  want = torch_ms_deform_attn_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc),
+                                   torch.from_numpy(attn)).numpy()
   got = np.asarray(jax.jit(ms_deform_attn, static_argnums=1)(value, SHAPES, loc, attn))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import re
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
 
-from chatrex_jax.inference import parser as PR
+from chatrex_jax.protocol import grammar as PR
 
 BOXES = np.array([[10, 20, 30, 40], [0, 0, 5, 5], [100, 50, 120, 90], [1, 2, 3, 4],
                   [7, 7, 8, 8], [50, 60, 70, 80]], np.float64)

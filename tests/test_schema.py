@@ -3,8 +3,8 @@ import copy
 import io
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from chatrex_jax.data import schema
 

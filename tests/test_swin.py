@@ -5,13 +5,19 @@ Swin differs from timm's classification Swin) is covered by the golden upn_tiny 
 import jax
 import numpy as np
 import pytest
-import torch
 from timm.models import swin_transformer as ts
+import torch
 
 from chatrex_jax.convert import mapping
 from chatrex_jax.convert.upn import swin_rules
-from chatrex_jax.models.upn.swin import (PatchMerging, SwinBlock, SwinConfig, SwinTransformer,
-                                         relative_position_index, shift_attention_mask)
+from chatrex_jax.models.upn.swin import (
+  PatchMerging,
+  SwinBlock,
+  SwinConfig,
+  SwinTransformer,
+  relative_position_index,
+  shift_attention_mask,
+)
 
 
 def randomize(module, seed):

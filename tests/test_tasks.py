@@ -6,77 +6,10 @@ import re
 import numpy as np
 import pytest
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import schema, tasks
-from chatrex_jax.inference import prompts
+from chatrex_jax.data import tasks
 from chatrex_jax.ops.boxes import pairwise_iou_host
-from data_engine import synthetic
-
-GROUP_RE = re.compile(r"<ground>(.*?)</ground><objects>((?:<obj\d+>)*)</objects>")
-
-
-def scene_record(index: int, image_size: int = 64, seed: int = 0, proposals: bool = False,
-                 conversation: bool = True, width: int | None = None) -> dict:
-  """An engine record (schema v1) for synthetic scene `index`: every object (and its dot part)
-  is a region; the caption, descriptions and referring expressions come from the scene's
-  ground truth. width < image_size crops the scene to a portrait image (tests expand2square)."""
-  scene = synthetic.make_scene(seed, index, image_size=image_size)
-  img_w = width or image_size
-  regions = []
-  for o in scene["objects"]:
-    items = [(o["box"], o["shape"], synthetic.object_phrase(o), synthetic.describe(scene, o["id"]),
-              synthetic.referring_expression(scene, o["id"]), "coarse")]
-    if o["part"] is not None:
-      items.append((o["part"]["box"], synthetic.PART, f"{synthetic.PART_COLOR} {synthetic.PART}",
-                    synthetic.describe(scene, o["id"], part=True),
-                    synthetic.referring_expression(scene, o["id"], part=True), "fine"))
-    for box, cat, phrase, desc, ref, gran in items:
-      if box[2] > img_w:
-        continue
-      regions.append({"id": len(regions), "box": [float(v) for v in box], "category": cat,
-                      "phrase": phrase, "description": desc, "referring": ref, "score": 0.9,
-                      "verify_score": 0.95, "granularity": gran, "provenance": {"box": "oracle@1"}})
-  import io
-  img = synthetic.render(scene).crop((0, 0, img_w, image_size))
-  buf = io.BytesIO()
-  img.save(buf, format="PNG")
-  convs = []
-  if conversation and regions:
-    coarse = [r for r in regions if r["granularity"] == "coarse"]
-    text = "I see " + " and ".join(f"the {r['phrase']}" for r in coarse[:2]) + "."
-    groundings, pos = [], 0
-    for r in coarse[:2]:
-      s = text.index(r["phrase"], pos)
-      groundings.append({"start": s, "end": s + len(r["phrase"]), "region_ids": [r["id"]]})
-      pos = s + len(r["phrase"])
-    convs = [{"role": "user", "text": "What do you see?", "groundings": []},
-             {"role": "assistant", "text": text, "groundings": groundings},
-             {"role": "user", "text": "How many shapes?", "groundings": []},
-             {"role": "assistant", "text": f"There are {len(coarse)} shapes.", "groundings": []}]
-  rec = {
-      "schema_version": schema.SCHEMA_VERSION, "key": schema.make_key("test", f"{seed}/{index}"),
-      "source": "test", "item_id": f"{seed}/{index}", "image": buf.getvalue(),
-      "image_format": "PNG", "width": img_w, "height": image_size,
-      "caption": synthetic.caption(scene) if width is None else "A plain picture of shapes.",
-      "caption_provenance": {"backend": "oracle", "version": "1"},
-      "regions": regions, "proposals": None, "conversations": convs,
-      "extra": {"scene_index": index},
-  }
-  if proposals:
-    rng = np.random.default_rng(index)
-    boxes = []
-    for _ in range(8):
-      x1, y1 = rng.uniform(0, img_w / 2), rng.uniform(0, image_size / 2)
-      boxes.append([x1, y1, x1 + rng.uniform(4, img_w / 2), y1 + rng.uniform(4, image_size / 2)])
-    boxes += [r["box"] for r in regions]  # UPN finds the objects too: must be de-duplicated
-    rec["proposals"] = {"boxes": boxes, "scores": [0.5] * len(boxes), "provenance": "upn@test"}
-  schema.validate(rec)
-  return rec
-
-
-def parse_groups(answer: str) -> list[tuple[str, list[int]]]:
-  return [(m.group(1), [int(t) for t in re.findall(r"<obj(\d+)>", m.group(2))])
-          for m in GROUP_RE.finditer(answer)]
+from chatrex_jax.protocol import grammar, prompts
+from tests.builders import parse_groups, scene_record
 
 
 def region_by_id(rec):
@@ -115,10 +48,10 @@ def test_each_task_grammar_and_indices(task):
       q = user0.split("\n", 2)[2]
       assert any(q == t.replace("[OBJ]", "; ".join(g for g, _ in groups)) for t in prompts.GROUNDING)
       field = {"category": "category", "phrase": "phrase", "referring": "referring"}[s.kind]
-      for (name, idx), rids in zip(groups, s.answer_regions):
+      for (name, _), rids in zip(groups, s.answer_regions):
         # every region with that name and nothing else
         assert sorted(rids) == sorted(r["id"] for r in rec["regions"] if r[field] == name)
-      assert s.turns[0][1] == "\n".join(tasks.grounded(g, i) for g, i in groups)
+      assert s.turns[0][1] == "\n".join(grammar.grounded(g, i) for g, i in groups)
     elif task == "region":
       (text, idx), = groups
       field = tasks.REGION_GRANULARITIES[s.kind][1]

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import tiny_tokenizer, tokenize as K
+from chatrex_jax.data import merge, tiny_tokenizer
 from chatrex_jax.inference import processor as P
-from chatrex_jax.inference import prompts
+from chatrex_jax.models import merge as model_merge
+from chatrex_jax.protocol import image as I
+from chatrex_jax.protocol import prompts
+from chatrex_jax.protocol import templates as T
+from chatrex_jax.protocol import tokenize as K
+from chatrex_jax.protocol import tokens as C
 
 
 @pytest.fixture(scope="module")
@@ -99,24 +104,24 @@ def test_chunks_are_encoded_separately(qwen_tok):
 
 def test_templates(qwen_tok, llama_tok):
   user = prompts.build_user_text("Q?", 1)
-  assert K.apply_template(K.QWEN_CHAT, user) == (
+  assert T.apply_template(T.QWEN_CHAT, user) == (
       "<|im_start|>user\n<image>\n<obj0><objfeat>\nQ?<|im_end|>\n<|im_start|>assistant\n")
-  assert K.apply_template(K.QWEN_CHAT, "x", system="S") == (
+  assert T.apply_template(T.QWEN_CHAT, "x", system="S") == (
       "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n")
-  assert K.apply_template(K.VICUNA_V1, "x") == K.VICUNA_SYSTEM + " USER: x ASSISTANT:"
-  assert K.detect_template(qwen_tok) is K.QWEN_CHAT
-  assert K.detect_template(llama_tok) is K.VICUNA_V1
-  assert K.detect_template(config={"model_type": "qwen2"}) is K.QWEN_CHAT
-  assert K.detect_template(config={"architectures": ["LlavaLlamaForCausalLM"]}) is K.VICUNA_V1
+  assert T.apply_template(T.VICUNA_V1, "x") == T.VICUNA_SYSTEM + " USER: x ASSISTANT:"
+  assert T.detect_template(qwen_tok) is T.QWEN_CHAT
+  assert T.detect_template(llama_tok) is T.VICUNA_V1
+  assert T.detect_template(config={"model_type": "qwen2"}) is T.QWEN_CHAT
+  assert T.detect_template(config={"architectures": ["LlavaLlamaForCausalLM"]}) is T.VICUNA_V1
   # the tokenizer decides, not the network's model_type (SmolLM2 is a LLaMA chatting in ChatML)
-  assert K.detect_template(qwen_tok, config={"model_type": "llama"}) is K.QWEN_CHAT
+  assert T.detect_template(qwen_tok, config={"model_type": "llama"}) is T.QWEN_CHAT
   with pytest.raises(ValueError, match="cannot tell"):
-    K.detect_template(config={"model_type": "gpt2"})
+    T.detect_template(config={"model_type": "gpt2"})
   with pytest.raises(ValueError, match="unknown chat template"):
-    K.get_template("chatml2")
+    T.get_template("chatml2")
   ids = K.build_inference_ids(user, qwen_tok)
   assert ids.dtype == np.int64 and ids.tolist() == official_tokenize(
-      K.apply_template(K.QWEN_CHAT, user), qwen_tok)
+      T.apply_template(T.QWEN_CHAT, user), qwen_tok)
 
 
 def _labelled_text(tok, ids, labels):
@@ -141,7 +146,7 @@ def test_training_labels_qwen(qwen_tok):
   assert (labels[ids < 0] == C.IGNORE_INDEX).all()
   assert (ids == -200).sum() == 1 and (ids == -300).sum() == 2
   assert _labelled_text(qwen_tok, ids, labels) == [turns[0][1] + "<|im_end|>", "a dog<|im_end|>"]
-  full = "".join(t for t, _ in K.conversation_chunks(K.QWEN_CHAT, turns))
+  full = "".join(t for t, _ in T.conversation_chunks(T.QWEN_CHAT, turns))
   assert ids.tolist() == official_tokenize(full, qwen_tok)  # same ids as the joined string
   assert full.endswith("<|im_start|>assistant\na dog<|im_end|>\n")  # XTuner: SEP after each turn
 
@@ -168,7 +173,7 @@ def test_merge_plan_matches_official_merge(golden_dir):
   n = inp["num_gt_boxes_per_image"]
   kmax = inp["gt_boxes"].shape[1]
   ni = out["image_features"].shape[1]
-  plan = K.merge_plan(inp["input_ids"], labels=inp["labels"], attention_mask=inp["attention_mask"],
+  plan = merge.merge_plan(inp["input_ids"], labels=inp["labels"], attention_mask=inp["attention_mask"],
                       num_objects=n, max_objects=kmax, num_image_tokens=ni)
   np.testing.assert_array_equal(plan["labels"], out["merged_labels"])
   np.testing.assert_array_equal(plan["attention_mask"], out["merged_attention_mask"])
@@ -177,7 +182,7 @@ def test_merge_plan_matches_official_merge(golden_dir):
   obj = np.zeros((2, kmax, out["object_features"].shape[1]), np.float32)
   obj[0, :n[0]] = out["object_features"][:n[0]]
   obj[1, :n[1]] = out["object_features"][n[0]:n[0] + n[1]]
-  merged = jax.jit(K.merge_embeddings)(jnp.asarray(embed)[plan["token_ids"]],
+  merged = jax.jit(model_merge.merge_embeddings)(jnp.asarray(embed)[plan["token_ids"]],
                                        out["image_features"], obj, plan["source"],
                                        plan["source_index"])
   np.testing.assert_array_equal(np.asarray(merged), out["merged_inputs_embeds"])
@@ -222,7 +227,7 @@ def batches(draw):
   return samples
 
 
-_jit_merge = jax.jit(K.merge_embeddings)
+_jit_merge = jax.jit(model_merge.merge_embeddings)
 
 
 @settings(max_examples=40, deadline=None)
@@ -239,9 +244,9 @@ def test_merge_plan_matches_loop_reference(samples):
   kw = dict(labels=lab_list, num_objects=[s[2] for s in samples], max_objects=m,
             num_image_tokens=ni)
   want_e, want_l = reference_merge(ids_list, lab_list, ni, img, obj, embed)
-  assert K.merge_plan(ids_list, **kw)["source"].shape == (b, max(len(x) for x in want_l))
+  assert merge.merge_plan(ids_list, **kw)["source"].shape == (b, max(len(x) for x in want_l))
   t = 16  # static length (>= the longest possible sample): one compile per batch size
-  plan = K.merge_plan(ids_list, seq_len=t, **kw)
+  plan = merge.merge_plan(ids_list, seq_len=t, **kw)
   got = np.asarray(_jit_merge(embed[plan["token_ids"]], img, obj, plan["source"],
                               plan["source_index"]))
   for i in range(b):
@@ -256,32 +261,32 @@ def test_merge_plan_matches_loop_reference(samples):
     # scatter form agrees with the gather form
     for k, p in enumerate(plan["image_positions"][i]):
       if p >= 0:
-        assert plan["source"][i, p] == K.SOURCE_IMAGE and plan["source_index"][i, p] == k
+        assert plan["source"][i, p] == C.SOURCE_IMAGE and plan["source_index"][i, p] == k
     n_obj = ids_list[i].count(-300)
     assert (plan["object_positions"][i, :n_obj] >= 0).all()
     assert (plan["object_positions"][i, n_obj:] == -1).all()
     for j in range(n_obj):
       p = plan["object_positions"][i, j]
-      assert plan["source"][i, p] == K.SOURCE_OBJECT and plan["source_index"][i, p] == j
+      assert plan["source"][i, p] == C.SOURCE_OBJECT and plan["source_index"][i, p] == j
 
 
 def test_merge_plan_static_shapes_and_errors():
   ids = [[5, -200, 6, -300, 7]]
-  plan = K.merge_plan(ids, seq_len=20, num_objects=[1], max_objects=3, num_image_tokens=4)
+  plan = merge.merge_plan(ids, seq_len=20, num_objects=[1], max_objects=3, num_image_tokens=4)
   assert all(v.shape[0] == 1 for v in plan.values()) and plan["source"].shape == (1, 20)
-  assert plan["lengths"].tolist() == [8] and K.merged_length(ids[0], 4) == 8
-  cut = K.merge_plan(ids, seq_len=3, num_objects=[1], max_objects=3, num_image_tokens=4,
+  assert plan["lengths"].tolist() == [8] and merge.merged_length(ids[0], 4) == 8
+  cut = merge.merge_plan(ids, seq_len=3, num_objects=[1], max_objects=3, num_image_tokens=4,
                      truncate=True)
   assert cut["lengths"].tolist() == [3] and cut["image_positions"][0].tolist() == [1, 2, -1, -1]
   assert cut["object_positions"][0].tolist() == [-1, -1, -1]
   with pytest.raises(ValueError, match="merged length 8 > seq_len 3"):
-    K.merge_plan(ids, seq_len=3, num_objects=[1], num_image_tokens=4)
+    merge.merge_plan(ids, seq_len=3, num_objects=[1], num_image_tokens=4)
   with pytest.raises(ValueError, match="only 0 objects"):
-    K.merge_plan(ids, num_objects=[0], num_image_tokens=4)
+    merge.merge_plan(ids, num_objects=[0], num_image_tokens=4)
   with pytest.raises(ValueError, match="one is supported"):
-    K.merge_plan([[-200, -200]], num_image_tokens=4)
+    merge.merge_plan([[-200, -200]], num_image_tokens=4)
   with pytest.raises(ValueError, match="not placeholders"):
-    K.merge_plan([[-5]], num_image_tokens=4)
+    merge.merge_plan([[-5]], num_image_tokens=4)
 
 
 def test_merge_embeddings_jits_once():
@@ -290,10 +295,10 @@ def test_merge_embeddings_jits_once():
   @jax.jit
   def f(tok, img, obj, src, idx):
     traces.append(1)
-    return K.merge_embeddings(tok, img, obj, src, idx)
+    return model_merge.merge_embeddings(tok, img, obj, src, idx)
 
   for ids in ([[1, -200, 2, -300]], [[-300, -300, 3, -200]]):
-    p = K.merge_plan(ids, seq_len=8, max_objects=2, num_image_tokens=2)
+    p = merge.merge_plan(ids, seq_len=8, max_objects=2, num_image_tokens=2)
     f(jnp.ones((1, 8, 3)), jnp.ones((1, 2, 3)), jnp.ones((1, 2, 3)), p["source"], p["source_index"])
   assert len(traces) == 1
 
@@ -304,7 +309,7 @@ def test_merge_embeddings_jits_once():
 
 def test_processor_batch(qwen_tok):
   proc = P.ChatRexProcessor(tokenizer=qwen_tok)
-  assert proc.template is K.QWEN_CHAT
+  assert proc.template is T.QWEN_CHAT
   img = np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8)
   a = proc.process(img, prompts.question("detect", "cat"), [[0, 0, 5, 5], [2, 2, 9, 9]])
   b = proc.process(img[:, :10], prompts.question("region_caption", 0, granularity="brief"),
@@ -313,7 +318,7 @@ def test_processor_batch(qwen_tok):
   batch = proc.batch([a, b], seq_len=700, max_objects=4)
   assert batch["token_ids"].shape == (2, 700) and batch["boxes"].shape == (2, 4, 4)
   for i, s in enumerate((a, b)):
-    n = len(s.input_ids) - 1 + C.NUM_IMAGE_TOKENS
+    n = len(s.input_ids) - 1 + I.NUM_IMAGE_TOKENS
     assert batch["lengths"][i] == n
     p = batch["image_positions"][i]
     assert (np.diff(p) == 1).all()  # 576 contiguous image tokens
@@ -328,11 +333,11 @@ def test_processor_from_checkpoint_dir(tmp_path):
   tiny_tokenizer.build_tiny_tokenizer(ckpt, family="llama")
   (ckpt / "config.json").write_text(json.dumps({"model_type": "llama"}))
   proc = P.ChatRexProcessor.from_checkpoint(ckpt, max_objects=7)
-  assert proc.template is K.VICUNA_V1 and proc.max_objects == 7
+  assert proc.template is T.VICUNA_V1 and proc.max_objects == 7
   img = np.zeros((6, 4, 3), np.uint8)
   s = proc.process_task(img, "region_caption", [[0, 0, 2, 2], [1, 1, 3, 3]], objects=[1],
                         granularity="category")
-  assert s.prompt.startswith(K.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat><obj1><objfeat>\n"
+  assert s.prompt.startswith(T.VICUNA_SYSTEM + " USER: <image>\n<obj0><objfeat><obj1><objfeat>\n"
                              "What is the category name of <obj1>?")
   assert s.input_ids[0] == proc.tokenizer.bos_token_id
   r = proc.parse("<ground>cup</ground><objects><obj1></objects>", s)

@@ -1,6 +1,5 @@
 """The MLLM trainer on real engine shards: overfitting, stage masks, sharded = single-device
 steps, exact resume after kill -9, and the non-finite stop."""
-import json
 import os
 import pathlib
 import signal
@@ -12,17 +11,17 @@ import jax
 import numpy as np
 import pytest
 
+from chatrex_jax.configs import load_config
 from chatrex_jax.convert.mapping import flatten
 from chatrex_jax.train import checkpoint as ckpt_lib
-from chatrex_jax.train.main import load_config
 from chatrex_jax.train.metrics import read_jsonl
 from chatrex_jax.train.mllm_task import ChatRexTask
 from chatrex_jax.train.trainer import Trainer, TrainingDiverged
-from tests.test_data_pipeline import write_engine_dataset
-from tests.test_tasks import scene_record
+from tests.builders import scene_record, write_engine_dataset
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CLIP = "{'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4, 'image_size': 28, 'patch_size': 14, 'select_layer': -2}"
+CLIP = ("{'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4, "
+        "'image_size': 28, 'patch_size': 14, 'select_layer': -2}")
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +45,7 @@ def overrides(assets, **extra):
 
 
 def config(assets, stage="stage2", **extra):
-  return load_config(f"{REPO}/configs/chatrex_tiny.py:{stage}", overrides(assets, **extra))
+  return load_config(f"chatrex_tiny:{stage}", overrides(assets, **extra))
 
 
 class FixedBatchTask(ChatRexTask):
@@ -114,7 +113,7 @@ def test_sharded_step_equals_single_device(assets, tmp_path, n_devices):
 
 
 def _train_cmd(assets, workdir, **extra):
-  cmd = [sys.executable, "-m", "chatrex_jax.train.main", "--config", f"{REPO}/configs/chatrex_tiny.py:stage2",
+  cmd = [sys.executable, "-m", "chatrex_jax.train.main", "--config", "chatrex_tiny:stage2",
          "--workdir", str(workdir)]
   return cmd + [f"--config.{o}" for o in overrides(assets, **extra)]
 

@@ -1,18 +1,17 @@
 """UPN end to end: golden fixtures through check_equivalence, converter round trips and errors,
 prompt handling, batching, preprocessing, filtering and the predict-upn CLI."""
+from contextlib import redirect_stdout
 import dataclasses
 import io
 import json
-import pathlib
-from contextlib import redirect_stdout
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 import torch
-from PIL import Image
 
 from chatrex_jax.convert import mapping, safetensors_io
 from chatrex_jax.convert import upn as convert_upn
@@ -64,6 +63,7 @@ def test_golden_upn_wrapper_e2e(golden_dir):
 def _fixture_copy(golden_dir, tmp_path, name, filter_args):
   """A copy of a golden fixture whose meta.json `filter_args` is replaced (None: removed)."""
   import shutil
+
   from chatrex_jax.tools.equivalence.registry import Fixture
   dst = tmp_path / name
   shutil.copytree(golden_dir / name, dst)

@@ -6,7 +6,6 @@ through `Trainer` on synthetic scenes and checks recall and the two prompts' gra
 
     pytest -m slow tests/test_upn_train.py
 """
-import io
 import json
 import os
 
@@ -14,21 +13,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from PIL import Image
+import pytest
 
+from chatrex_jax.configs import load_config
 from chatrex_jax.data import records as records_lib
 from chatrex_jax.data import schema, upn_data
 from chatrex_jax.eval.recall import proposal_recall
 from chatrex_jax.ops.boxes import cxcywh_to_xyxy
-from chatrex_jax.train.main import load_config
 from chatrex_jax.train.upn_losses import upn_criterion
 from chatrex_jax.train.upn_task import UPNTask, forward_both
 from data_engine import synthetic
-from tests.test_data_pipeline import write_engine_dataset
-from tests.test_tasks import scene_record
+from tests.builders import scene_record, write_engine_dataset
 
-CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "upn_train_tiny.py")
+CONFIG = "upn_train_tiny"
 
 
 def small_config(data_dir, side=32, batch=4, targets=8, granularity="both"):
@@ -343,8 +341,9 @@ def _recall(task, params, cfg, prompt, targets_of, top_k):
 @pytest.mark.slow
 def test_trainer_reaches_recall_and_prompts_learn_granularity(tmp_path):
   import time
-  from chatrex_jax.train.trainer import Trainer
+
   from chatrex_jax.train.optimizer import merge
+  from chatrex_jax.train.trainer import Trainer
   data = write_engine_dataset(str(tmp_path / "data"),
                               [scene_record(i, image_size=64) for i in range(8)], 4)
   cfg = load_config(CONFIG + ":d32")

@@ -26,7 +26,8 @@ import numpy as np
 from chatrex_jax.convert import clip as clip_convert
 from chatrex_jax.convert import convnext as convnext_convert
 from chatrex_jax.convert import llm as llm_convert
-from chatrex_jax.convert import mapping, projector as projector_convert, safetensors_io
+from chatrex_jax.convert import mapping, safetensors_io
+from chatrex_jax.convert import projector as projector_convert
 from chatrex_jax.convert.mapping import Rule
 from chatrex_jax.models.chatrex import ChatRexConfig
 from chatrex_jax.models.clip_vit import CLIPVisionConfig

@@ -16,14 +16,13 @@ LLM keys are `model.*` and `lm_head.*` at the top level).
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 from typing import Iterator, Mapping
 
 import numpy as np
 
 from chatrex_jax.convert import mapping, safetensors_io
-from chatrex_jax.convert.mapping import LINEAR, IDENTITY, Rule
+from chatrex_jax.convert.mapping import IDENTITY, LINEAR, Rule
 from chatrex_jax.models.llm import LLMConfig, stack_layers, unstack_layers
 
 # Buffers some checkpoints carry that are recomputed here.
@@ -221,6 +220,7 @@ def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
   The matrix may shrink (Qwen pads its embedding beyond the tokenizer).
   """
   import dataclasses
+
   from flax.core import meta
   params = meta.unbox(params)
   if not 0 < num_new_tokens <= new_vocab_size:
@@ -263,7 +263,7 @@ def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer, *, init: s
   `</objects>`, special, in that order) to a locally loaded HF tokenizer and resizes the
   embeddings to `len(tokenizer)`, the new rows initialised by `init` (`resize_vocab`; "mean",
   the official rule, by default). Tokens the tokenizer already has are not added twice."""
-  from chatrex_jax.data.constants import SPECIAL_TOKENS
+  from chatrex_jax.protocol.tokens import SPECIAL_TOKENS
   missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
   if len(missing) not in (0, len(SPECIAL_TOKENS)):
     raise ValueError(f"tokenizer has {len(SPECIAL_TOKENS) - len(missing)} of the ChatRex tokens: "

@@ -1,8 +1,9 @@
 """Streaming safetensors reader/writer (single files and HF sharded checkpoints).
 
 The format is an 8-byte little-endian header length, a JSON header mapping each tensor name to
-its dtype, shape and byte range, then the raw bytes. Reading it directly gives bf16 support via `ml_dtypes` and lets converters pull one tensor at a time, so a
-conversion holds about one copy of the model, never two. Nothing here unpickles anything.
+its dtype, shape and byte range, then the raw bytes. Reading it directly gives bf16 support
+via `ml_dtypes` and lets converters pull one tensor at a time, so a conversion holds about one
+copy of the model, never two. Nothing here unpickles anything.
 """
 from __future__ import annotations
 

@@ -160,6 +160,7 @@ def abstract_params(config: UPNConfig):
   """Parameter shapes of the Flax model (traced, nothing computed)."""
   import jax
   import jax.numpy as jnp
+
   from chatrex_jax.models.upn.upn import UPN
   side = 32 * max(8, int(np.ceil(np.sqrt(config.num_queries))))  # enough tokens for top-k
   shapes = jax.eval_shape(lambda: UPN(config).init(
@@ -228,6 +229,7 @@ def read_checkpoint(path: str | pathlib.Path, *, safe_globals: Iterable[str] = (
     return dict(safetensors_io.Checkpoint(path).items()), []
   import importlib
   import pickle
+
   import torch
   allowed = []
   for name in safe_globals:

@@ -21,7 +21,7 @@ data order survives any restart and does not depend on threads or workers):
    (`inference.processor`: expand2square, bicubic to `aux_image_size`, bilinear to
    `clip_image_size`, boxes to the aux frame), chat template + placeholder-aware tokenisation
    with labels on assistant responses + end-of-turn only (`tokenize.build_training_example`), and
-   the static merge plan (`tokenize.merge_plan`) padded to `seq_len`. The rng of element i is
+   the static merge plan (`merge.merge_plan`) padded to `seq_len`. The rng of element i is
    seeded from (seed, i) by Grain, so the example does not depend on the process count.
 3. per-process shard: global stream positions ``process_index::process_count``
    (`jax.process_index()` / `jax.process_count()` by default); global batch k is the union of
@@ -38,7 +38,7 @@ A batch (per process, Bl = batch_size // process_count; sizes from the config):
   boxes            float32 [Bl, M, 4]            input boxes, xyxy in the aux frame, zero padded
   box_mask         bool    [Bl, M]
   token_ids, source, source_index, attention_mask, position_ids, labels   int32 [Bl, T]
-                                                 (`tokenize.merge_plan`; labels -100 off-answer)
+                                                 (`merge.merge_plan`; labels -100 off-answer)
   num_boxes, task_id, source_id, record_index, epoch   int32 [Bl]  (bookkeeping; not model inputs)
 
 Bad records raise `RecordError` naming the source, the record index, the record key and the field.
@@ -60,9 +60,11 @@ import grain
 import ml_collections
 import numpy as np
 
-from chatrex_jax.data import constants as C
+from chatrex_jax.data import merge, schema, tasks
 from chatrex_jax.data import records as records_lib
-from chatrex_jax.data import schema, tasks, tokenize
+from chatrex_jax.protocol import image as image_protocol
+from chatrex_jax.protocol import templates, tokenize
+from chatrex_jax.protocol import tokens as C
 
 MODEL_KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
               "source_index", "attention_mask", "position_ids")
@@ -94,9 +96,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.batch_size = 8
   cfg.seq_len = 2048
   cfg.max_objects = C.MAX_NUM_OBJECTS
-  cfg.num_image_tokens = C.NUM_IMAGE_TOKENS
-  cfg.clip_image_size = C.CLIP_IMAGE_SIZE
-  cfg.aux_image_size = C.AUX_IMAGE_SIZE
+  cfg.num_image_tokens = image_protocol.NUM_IMAGE_TOKENS
+  cfg.clip_image_size = image_protocol.CLIP_IMAGE_SIZE
+  cfg.aux_image_size = image_protocol.AUX_IMAGE_SIZE
   cfg.tokenizer_dir = ""
   cfg.chat_template = ""          # "" -> detected from the tokenizer (qwen_chat / vicuna_v1)
   cfg.system_prompt = ml_collections.config_dict.placeholder(str)  # None: template default
@@ -244,8 +246,8 @@ def _tokenizer_and_template(tokenizer_dir: str, template_name: str):
   if missing:
     raise ValueError(f"tokenizer {tokenizer_dir} lacks {len(missing)} ChatRex tokens (first "
                      f"{missing[0]!r}); add them (spec B.7) before training")
-  template = (tokenize.get_template(template_name) if template_name
-              else tokenize.detect_template(tok))
+  template = (templates.get_template(template_name) if template_name
+              else templates.detect_template(tok))
   return tok, template
 
 
@@ -262,10 +264,6 @@ class ExampleBuilder:
     self.sources = [(name, src) for name, src, _ in sources]
     self._tokenizer = tokenizer
     self._template = template
-    from chatrex_jax.inference.processor import ChatRexProcessor
-    self._processor = ChatRexProcessor(aux_size=self.cfg.aux_image_size,
-                                       clip_size=self.cfg.clip_image_size,
-                                       max_objects=self.cfg.max_objects, box_overflow="raise")
 
   def __getstate__(self):
     state = dict(self.__dict__)
@@ -284,8 +282,8 @@ class ExampleBuilder:
   def template(self):
     if self._template is None:
       tok = self.tokenizer
-      self._template = (tokenize.get_template(self.cfg.chat_template) if self.cfg.chat_template
-                        else tokenize.detect_template(tok))
+      self._template = (templates.get_template(self.cfg.chat_template) if self.cfg.chat_template
+                        else templates.detect_template(tok))
     return self._template
 
   def __call__(self, ref: _Ref, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -319,13 +317,16 @@ class ExampleBuilder:
                                  proposals=cfg.proposals)
       stage = "image"
       image = self._load_image(record)
-      processed = self._processor.preprocess_image(image, sample.boxes)
+      processed = image_protocol.preprocess_image(
+          image, sample.boxes, aux_size=self.cfg.aux_image_size,
+          clip_size=self.cfg.clip_image_size, max_objects=self.cfg.max_objects,
+          box_overflow="raise")
       stage = "tokenisation"
       ids, labels = tokenize.build_training_example(sample.turns, tokenizer, template,
                                                     system=cfg.system_prompt)
       stage = "merge plan"
       n_boxes = processed.boxes.shape[0]
-      plan = tokenize.merge_plan([ids], labels=[labels], seq_len=cfg.seq_len,
+      plan = merge.merge_plan([ids], labels=[labels], seq_len=cfg.seq_len,
                                  num_objects=[n_boxes], max_objects=cfg.max_objects,
                                  num_image_tokens=cfg.num_image_tokens,
                                  pad_token_id=cfg.pad_token_id, truncate=cfg.truncate)

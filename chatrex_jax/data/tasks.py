@@ -39,11 +39,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.inference import prompts
 from chatrex_jax.ops.boxes import pairwise_iou_host
+from chatrex_jax.protocol import prompts
+from chatrex_jax.protocol import tokens as C
+from chatrex_jax.protocol.grammar import grounded
 
-TASK_NAMES = ("grounding", "region", "grounded_caption", "conversation")
+TASK_NAMES = tuple(prompts.TRAINING_TASKS)
 TASK_IDS = {name: i for i, name in enumerate(TASK_NAMES)}
 GROUNDING_KINDS = ("category", "phrase", "referring")
 # region-caption granularity -> (prompt granularity, record region field)
@@ -113,16 +114,6 @@ def _check_text(text: Any, field: str) -> str:
       raise FieldError(field, f"contains the placeholder {p!r}, which would be tokenised as an "
                        "image/object slot")
   return text
-
-
-def object_tags(indices: Sequence[int]) -> str:
-  """`<objects><obj2><obj5></objects>` for sorted input-box indices."""
-  return C.OBJECTS_START + "".join(C.object_token(int(i)) for i in sorted(indices)) + C.OBJECTS_END
-
-
-def grounded(text: str, indices: Sequence[int]) -> str:
-  """`<ground>{text}</ground><objects>...</objects>` (the ChatRex grounded-answer grammar)."""
-  return C.GROUND_START + text + C.GROUND_END + object_tags(indices)
 
 
 def _weighted_choice(rng: np.random.Generator, weights: Mapping[str, float],

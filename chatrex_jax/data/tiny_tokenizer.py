@@ -17,7 +17,7 @@ import os
 import pathlib
 from typing import Iterable, Literal
 
-from chatrex_jax.data import constants as C
+from chatrex_jax.protocol import tokens as C
 
 DEFAULT_TEXTS = (
     "Please detect person; pigeon in this image. Answer the question with object indexes.",

@@ -1,6 +1,6 @@
 """UPN training input pipeline on Grain (issue 9): engine records + COCO JSON, tagged by granularity.
 
-    cfg = default_upn_data_config()                  # the `data` section of configs/upn_train_*.py
+    cfg = default_upn_data_config()                  # the `data` section of chatrex_jax/configs/upn_train_*.py
     cfg.sources = [{"path": "/data/sa1b_engine", "format": "engine", "granularity": "both"},
                    {"path": "/data/coco/instances_train2017.json", "format": "coco",
                     "images_dir": "/data/coco/train2017", "granularity": "coarse", "weight": 2.0}]
@@ -63,7 +63,6 @@ import numpy as np
 from PIL import Image
 
 from chatrex_jax.data import pipeline as mllm_pipeline
-from chatrex_jax.data import schema
 
 PROMPT_IDS = {"fine": 0, "coarse": 1}
 PROMPT_NAMES = {v: k for k, v in PROMPT_IDS.items()}

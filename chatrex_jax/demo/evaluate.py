@@ -30,7 +30,7 @@ from PIL import Image
 from chatrex_jax.data import records as records_lib
 from chatrex_jax.eval.recall import iou_matrix, proposal_recall
 from chatrex_jax.eval.referring import referring_accuracy
-from chatrex_jax.inference import prompts
+from chatrex_jax.protocol import prompts
 
 PROMPTS = ("coarse", "fine")
 
@@ -219,6 +219,7 @@ def region_eval(pipe, scenes: Sequence[Scene], props: Sequence[SceneProposals], 
                 progress: bool = True) -> tuple[dict, list[dict]]:
   """Category name of a given `<objK>`; returns (metrics, prediction rows)."""
   from collections import Counter
+
   from tqdm import tqdm
   samples, uncovered = region_samples(scenes, props, iou)
   rows = []

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from chatrex_jax.inference.visualize import draw_boxes
+from chatrex_jax.protocol import tokens as C
 
 # Box colours chosen to stay visible on every shape colour of the scenes (red, green, blue,
 # yellow, pink) and on the light background.
@@ -148,7 +149,8 @@ def visualise(scene, props, rows: Sequence[dict], region_rows: Sequence[dict] = 
     lines.append(("", (0, 0, 0)))
     lines.append(("category of <objK> (answer / truth)", (0, 0, 0)))
     for r in region_rows:
-      lines.append((f"<obj{r['candidate']}>: {r['phrase']} / {r['category']}", HIT if r["hit"] else MISS))
+      lines.append((f"{C.object_token(r['candidate'])}: {r['phrase']} / {r['category']}",
+                    HIT if r["hit"] else MISS))
   line_h = 12
   legend = Image.new("RGB", (260, max(left.height, line_h * len(lines) + 8)), (255, 255, 255))
   ldraw = ImageDraw.Draw(legend)

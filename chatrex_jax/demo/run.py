@@ -15,7 +15,7 @@ The embedded end-to-end run, on a fresh machine with nothing downloaded:
   7. report     DIR/report.json, DIR/report.md and DIR/vis/*.png (`chatrex_jax.demo.report`)
 
 Every step keeps its outputs in DIR; rerunning resumes (finished steps are skipped, training
-resumes from its last checkpoint). --fresh deletes DIR first. Settings: configs/demo.py.
+resumes from its last checkpoint). --fresh deletes DIR first. Settings: chatrex_jax/configs/demo.py.
 Exit status: 0, or 1 when a full run misses one of the thresholds it reports.
 """
 from __future__ import annotations
@@ -28,26 +28,11 @@ import shutil
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-CONFIGS = REPO / "configs"
-
-
-def _config_file(name: str) -> pathlib.Path:
-  path = CONFIGS / name
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: the demo reads its settings from the repository's configs/ folder. "
-        "Install the project from a checkout with `pip install -e .` and run it there.")
-  return path
-
-
-def load_config_file(name: str, arg: str = "", overrides=()):
-  from chatrex_jax.train.main import load_config
-  return load_config(f"{_config_file(name)}{':' + arg if arg else ''}", overrides)
+from chatrex_jax.configs import load_config
 
 
 def load_demo_config(quick: bool, overrides=()):
-  return load_config_file("demo.py", "quick" if quick else "full", overrides)
+  return load_config("demo:quick" if quick else "demo:full", overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +103,7 @@ def build_data(cfg, paths: Paths) -> dict:
   d = cfg.data
   for split, path, n, seed in (("train", paths.train, d.num_train, d.train_seed),
                                ("heldout", paths.heldout, d.num_heldout, d.heldout_seed)):
-    c = engine_config.load_config(f"{_config_file('data_engine_synthetic.py')}:{n},{d.image_size},{seed}")
+    c = load_config(f"data_engine_synthetic:{n},{d.image_size},{seed}")
     c.name = f"demo_scenes_{split}"
     c.records_per_shard = d.records_per_shard
     manifest = engine.run(engine_config.to_plain(c), str(path))
@@ -133,9 +118,9 @@ def load_pretrained_llm(llm_cfg):
   SmolLM2-135M-Instruct by default)."""
   from chatrex_jax.convert import gguf
   from chatrex_jax.convert import llm as llm_convert
-  from chatrex_jax.data.tokenize import load_tokenizer
   from chatrex_jax.demo import tiny_llm
   from chatrex_jax.models.llm import LLMConfig
+  from chatrex_jax.protocol.tokenize import load_tokenizer
   if llm_cfg.source == "tiny":
     folder = pathlib.Path(llm_cfg.path or tiny_llm.ASSETS)
     if not (folder / "config.json").exists():
@@ -155,14 +140,16 @@ def build_initial_model(cfg, paths: Paths):
   """The starting point of ChatRex training, saved in the official layout (resumable): the
   pretrained LLM (`load_pretrained_llm`) with ChatRex's 104 tokens (already in the tiny LLM's
   vocabulary; added to others, `llm.new_token_init`), and random vision towers and projectors
-  of the tiny sizes in configs/chatrex_tiny.py. Returns the tokenizer."""
+  of the tiny sizes in chatrex_jax/configs/chatrex_tiny.py. Returns the tokenizer."""
   import dataclasses
-  import jax
+
   from flax.core import meta as flax_meta
+  import jax
+
   from chatrex_jax.convert import chatrex as chatrex_convert
   from chatrex_jax.convert import llm as llm_convert
-  from chatrex_jax.data.tokenize import load_tokenizer
   from chatrex_jax.models.chatrex import init_params
+  from chatrex_jax.protocol.tokenize import load_tokenizer
   from chatrex_jax.train.mllm_task import model_config
   if (paths.init / "config.json").exists():
     return load_tokenizer(paths.init)
@@ -171,7 +158,7 @@ def build_initial_model(cfg, paths: Paths):
         f"{llm_config.hidden_size}, vocabulary {llm_config.vocab_size}", flush=True)
   llm_params, llm_config = llm_convert.add_chatrex_tokens(
       llm_params, llm_config, tokenizer, init=cfg.llm.new_token_init, seed=cfg.llm.seed)
-  towers = load_config_file("chatrex_tiny.py", "stage1").model
+  towers = load_config("chatrex_tiny:stage1").model
   towers.llm = llm_config.to_hf()
   config = model_config(towers)
   # Towers and projectors start random; the LLM's layers are replaced, so none are drawn.
@@ -187,6 +174,7 @@ def build_initial_model(cfg, paths: Paths):
 
 def _train(config, task, workdir: pathlib.Path, progress: bool):
   import jax
+
   from chatrex_jax.inference.upn_export import load_trained_params
   from chatrex_jax.train.trainer import Trainer
   workdir.mkdir(parents=True, exist_ok=True)
@@ -198,9 +186,8 @@ def _train(config, task, workdir: pathlib.Path, progress: bool):
 
 
 def upn_training_config(cfg, paths: Paths):
-  from chatrex_jax.train.main import load_config
   u = cfg.upn
-  c = load_config(f"{_config_file('upn_train_tiny.py')}:{u.model_arg}")
+  c = load_config(f"upn_train_tiny:{u.model_arg}")
   c.data.sources = [{"path": str(paths.train), "granularity": "both"}]
   c.data.batch_size, c.data.max_size, c.data.scales = u.batch_size, u.canvas, list(u.scales)
   c.data.crop_prob, c.data.max_targets = u.crop_prob, u.max_targets
@@ -250,7 +237,7 @@ def export_train_proposals(cfg, paths: Paths, predict) -> dict:
 
 def chatrex_stage_config(cfg, paths: Paths, stage: int):
   s = cfg.chatrex[f"stage{stage}"]
-  c = load_config_file("chatrex_tiny.py", f"stage{stage}")
+  c = load_config(f"chatrex_tiny:stage{stage}")
   c.model.llm = {}     # the architecture comes from the checkpoint it starts from
   c.model.train_vision_tower_aux = cfg.chatrex.train_vision_tower_aux
   c.model.init_from = str(paths.stage_export(stage - 1) if stage > 1 else paths.init)
@@ -332,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="chatrex-jax demo", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="chatrex_demo", help="output folder (default ./chatrex_demo)")
-  parser.add_argument("--quick", action="store_true", help="the short CI run (configs/demo.py:quick)")
+  parser.add_argument("--quick", action="store_true", help="the short CI run (chatrex_jax/configs/demo.py:quick)")
   parser.add_argument("--fresh", action="store_true", help="delete --workdir first")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)

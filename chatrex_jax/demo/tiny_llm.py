@@ -3,7 +3,7 @@
 ChatRex answers "Please detect the red circle" with `<objK>`: it finds the object token that
 matches the phrase and emits the index tag in front of it, an in-context lookup the released
 model inherits from its pretrained LLM. A randomly initialised LLM does not learn it within a
-CPU demo's budget, and SmolLM2-135M (`configs/demo.py`, `llm.source="gguf"`) is too slow to
+CPU demo's budget, and SmolLM2-135M (`chatrex_jax/configs/demo.py`, `llm.source="gguf"`) is too slow to
 fine-tune there (see the README). So the demo starts from this tiny LLM, pretrained once by
 this script and shipped with the package (`chatrex_jax/demo/assets/tiny_llm`, ~4 MB).
 
@@ -20,7 +20,7 @@ holds; the demo's visual stages then teach the projectors to write such slots.
 
   python -m chatrex_jax.demo.tiny_llm --workdir /tmp/tiny_llm --out chatrex_jax/demo/assets/tiny_llm
 
-Settings: configs/tiny_llm.py (`--config.key=value` overrides). The run resumes from
+Settings: chatrex_jax/configs/tiny_llm.py (`--config.key=value` overrides). The run resumes from
 --workdir; --out receives a HF LLaMA folder (config.json, model.safetensors, the tokenizer with
 a ChatML chat template) and pretraining.json (settings, time, held-out lookup accuracy).
 """
@@ -39,9 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data import tasks, tokenize
-from chatrex_jax.inference import prompts
+from chatrex_jax.data import merge, tasks
+from chatrex_jax.models import merge as model_merge
+from chatrex_jax.protocol import prompts, templates, tokenize
+from chatrex_jax.protocol import tokens as C
 
 ASSETS = pathlib.Path(__file__).with_name("assets") / "tiny_llm"
 
@@ -137,7 +138,7 @@ def build_tokenizer(out_dir, cfg):
 class Examples:
   """One fixed-shape batch of ChatRex conversations with bag-of-words object slots.
 
-  A batch is the merge plan of `tokenize.merge_plan` (token_ids, source, source_index, labels,
+  A batch is the merge plan of `merge.merge_plan` (token_ids, source, source_index, labels,
   attention_mask, position_ids [B, T]) plus slot_ids / slot_mask [B, M, W]: the phrase tokens
   of the object behind each `<objfeat>` (`background` for proposals that are not objects).
   """
@@ -146,7 +147,7 @@ class Examples:
   def __init__(self, data_cfg, tokenizer):
     self.cfg = data_cfg
     self.tokenizer = tokenizer
-    self.template = tokenize.detect_template(tokenizer)
+    self.template = templates.detect_template(tokenizer)
     self.background = self._phrase(BACKGROUND)
 
   def _phrase(self, text: str) -> list[int]:
@@ -164,7 +165,7 @@ class Examples:
       sample = tasks.sample_task(scene, rng, task_cfg or d.tasks, max_objects=d.max_objects,
                                  proposals=d.proposals, task=task)
       ids, labels = tokenize.build_training_example(sample.turns, self.tokenizer, self.template)
-      if tokenize.merged_length(ids, d.num_image_tokens) <= d.seq_len:
+      if merge.merged_length(ids, d.num_image_tokens) <= d.seq_len:
         break
     else:
       raise ValueError(f"data.seq_len={d.seq_len} is too short for the sampled conversations")
@@ -175,7 +176,7 @@ class Examples:
   def batch(self, rng: np.random.Generator, size: int, task: str | None = None, task_cfg=None) -> dict:
     d = self.cfg
     rows = [self.sample(rng, task, task_cfg) for _ in range(size)]
-    plan = tokenize.merge_plan([r[0] for r in rows], labels=[r[1] for r in rows], seq_len=d.seq_len,
+    plan = merge.merge_plan([r[0] for r in rows], labels=[r[1] for r in rows], seq_len=d.seq_len,
                                num_objects=[len(r[2]) for r in rows], max_objects=d.max_objects,
                                num_image_tokens=d.num_image_tokens)
     slot_ids = np.zeros((size, d.max_objects, self.PHRASE_TOKENS), np.int32)
@@ -231,7 +232,7 @@ def slot_inputs(model, params, batch, rng, slot_noise: float, image_noise: float
   table_rms = jax.lax.stop_gradient(jnp.sqrt(jnp.mean(jnp.square(params["embed_tokens"]["embedding"]))))
   b, _, dim = text.shape
   image = image_noise * table_rms * jax.random.normal(k_image, (b, num_image_tokens, dim), text.dtype)
-  return tokenize.merge_embeddings(text, image, slots, batch["source"], batch["source_index"])
+  return model_merge.merge_embeddings(text, image, slots, batch["source"], batch["source_index"])
 
 
 class TinyLLMTask:
@@ -346,10 +347,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
 
-  from chatrex_jax.demo.run import load_config_file
-  from chatrex_jax.train.trainer import Trainer
+  from chatrex_jax.configs import load_config
   from chatrex_jax.inference.upn_export import load_trained_params
-  config = load_config_file("tiny_llm.py", overrides=overrides)
+  from chatrex_jax.train.trainer import Trainer
+  config = load_config("tiny_llm", overrides)
   workdir = pathlib.Path(args.workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()

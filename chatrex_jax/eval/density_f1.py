@@ -37,9 +37,9 @@ Re-implements the *code* of RexSeek `evaluation/recall_precision_densityf1.py`:
 """
 from __future__ import annotations
 
+from collections import defaultdict
 import dataclasses
 import json
-from collections import defaultdict
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np

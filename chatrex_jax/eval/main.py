@@ -4,7 +4,8 @@
       [--batch-size 4] [--max-new-tokens 100] [--limit N]
     Runs the jitted ChatRex pipeline (batched, fixed shapes: the last batch is padded by
     repeating its last sample; with several devices each batch is split over
-    gcd(batch size, #devices) of them, params replicated, unless --no-shard) over HumanRef-style records (id, image_name, referring,
+    gcd(batch size, #devices) of them, params replicated, unless --no-shard) over
+    HumanRef-style records (id, image_name, referring,
     candidate_boxes xyxy, answer_boxes, domain, sub_domain) and writes DIR/predictions.jsonl
     ({id, question, raw_response, extracted_predictions, answer_id, candidate_boxes} as RexSeek
     `evaluate_rexseek.py`; candidate_boxes are written xyxy - the official script writes the
@@ -26,13 +27,13 @@ Every subcommand writes DIR/metrics.md (markdown table) and DIR/metrics.json.
 from __future__ import annotations
 
 import argparse
+from collections import defaultdict
 import json
 import pathlib
 import pickle
 import sys
-import uuid
-from collections import defaultdict
 from typing import Sequence
+import uuid
 
 import numpy as np
 
@@ -150,7 +151,7 @@ def _load_image(image_dir: pathlib.Path, name: str):
 
 def prediction_record(sample: dict, question: str, raw: str, candidates) -> dict:
   """One official prediction line (answer_id: a random uuid hex, as shortuuid in RexSeek)."""
-  from chatrex_jax.inference.parser import parse_first_group
+  from chatrex_jax.protocol.grammar import parse_first_group
   parsed = parse_first_group(raw, np.asarray(candidates, np.float64).reshape(-1, 4))
   return {"id": sample["id"], "question": question, "raw_response": raw,
           "extracted_predictions": parsed.extracted_predictions,
@@ -164,8 +165,10 @@ def data_parallel(pipe, batch_size: int, devices=None):
   gcd(batch_size, #devices) devices; returns (pipe, number of devices used) - the pipe
   unchanged when only one device would be used."""
   import math
+
   import jax
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
   from chatrex_jax.inference.pipeline import ChatRexPipeline
   devices = list(jax.devices() if devices is None else devices)
   n = math.gcd(batch_size, len(devices))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
-from chatrex_jax.inference import prompts as inference_prompts
+from chatrex_jax.protocol import prompts as protocol_prompts
 
 
 def normalize(name: str) -> str:
@@ -36,7 +36,7 @@ class PromptChunk:
 
 
 def detect_question(names: Sequence[str], variant: int = 0) -> str:
-  return inference_prompts.question("detect", list(names), variant=variant)
+  return protocol_prompts.question("detect", list(names), variant=variant)
 
 
 def chunk_categories(categories: Sequence[Any] | Mapping[Any, str], *, max_chars: int | None = None,

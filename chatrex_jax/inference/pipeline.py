@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatrex_jax.inference import parser as parser_lib
 from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
 from chatrex_jax.inference.processor import ChatRexProcessor, ProcessedSample
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig
+from chatrex_jax.protocol import grammar as parser_lib
 
 
 @dataclasses.dataclass
@@ -113,10 +113,10 @@ class ChatRexPipeline:
   def run(self, image, task: str = "detect", *, boxes=None, scores=None, objects=None,
           granularity=None, text=None, variant: int = 0, raw_question: bool = False,
           **kw) -> Prediction:
-    """One image, one task with the official prompt (see `inference.prompts.question`;
+    """One image, one task with the official prompt (see `protocol.prompts.question`;
     raw_question: task "chat" sends text verbatim). boxes [N, 4] original-image xyxy; scores
     [N] or None (see `run_batch`)."""
-    from chatrex_jax.inference import prompts
+    from chatrex_jax.protocol import prompts
     question = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
                                 raw=raw_question)
     return self.run_batch([image], [question], [np.zeros((0, 4)) if boxes is None else boxes],

@@ -34,7 +34,7 @@ import sys
 
 import numpy as np
 
-TASKS = ("detect", "refer", "count", "region_caption", "grounded_caption", "chat")
+from chatrex_jax.protocol import prompts
 
 
 def read_boxes(path) -> tuple[np.ndarray, np.ndarray | None]:
@@ -75,7 +75,6 @@ def default_prompt_type(task: str) -> str:
 def objects_from_query(task: str, query: str | None):
   """--query -> the `objects` of `prompts.question`: box indices for region_caption ("0,2",
   "<obj0>,<obj2>"), else the gradio demo's "; "-joined pieces ("dog,cat" -> "dog; cat")."""
-  from chatrex_jax.inference import prompts
   if query is None:
     return None
   if task == "region_caption":
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--checkpoint", help="ChatRex/RexSeek checkpoint folder (config.json, safetensors, tokenizer)")
   p.add_argument("--image", required=True)
-  p.add_argument("--task", choices=TASKS, default="detect")
+  p.add_argument("--task", choices=prompts.TASK_NAMES, default="detect")
   p.add_argument("--query", help="categories / expressions ('dog,cat' -> 'dog; cat', as the "
                                  "official demo) or, for region_caption, box indices ('0,2' or "
                                  "'<obj0>,<obj2>')")
@@ -127,7 +126,6 @@ def main(argv=None) -> int:
                              "--min-score", str(args.min_score), "--nms", str(args.nms),
                              "--out", args.out, "--config", args.upn_config])
 
-  from chatrex_jax.inference import prompts
   try:  # the question is checked before any model is loaded
     task_kw = dict(objects=objects_from_query(args.task, args.query),
                    granularity=args.granularity, text=args.text, raw_question=args.raw_question)
@@ -136,9 +134,10 @@ def main(argv=None) -> int:
   except ValueError as e:
     p.error(str(e))
 
-  from chatrex_jax.inference import visualize
-  from chatrex_jax.inference.processor import load_image, select_boxes
   from PIL import Image
+
+  from chatrex_jax.inference import visualize
+  from chatrex_jax.protocol.image import load_image, select_boxes
   image = Image.fromarray(load_image(args.image).rgb)
   scores = None
   if args.upn:

@@ -1,426 +1,26 @@
-"""ChatRex input processing: image -> (pixel_values, pixel_values_aux), boxes -> 768 frame, prompt.
+"""ChatRex input processing for inference: (image, boxes, question) -> model inputs.
 
-Reproduces RexSeek `prepare_input_for_rexseek` (spec B.2; fixture `processor_rexseek`) on the host
-with NumPy + PIL, outside `jit`:
-
-1. The image is loaded as RGB uint8 (see "Input policy" below), original size (W, H) remembered.
-2. `expand2square`: centred on an S x S canvas (S = max(W, H)) filled with (122, 116, 104)
-   (`int(255 * clip_mean)`); landscape pasted at (0, (W - H) // 2), portrait at ((H - W) // 2, 0).
-3. CLIPImageProcessor semantics at 768: PIL **bicubic** resize (shortest edge 768, then centre
-   crop 768 - a no-op for the square), `float32(float64(u8) / 255)`, `(x - mean) / std` in
-   float32 -> `pixel_values_aux` [768, 768, 3] (bit-identical to the official uint8 path).
-4. `pixel_values` = bilinear resize of the *normalised* 768 tensor to 336, `align_corners=False`,
-   no antialias, with PyTorch's CPU index arithmetic reproduced in float32
-   (`torch_bilinear_resize`, bit-identical to torch on x86; not `jax.image.resize`, which
-   differs by ~3e-4, spec F).
-5. Boxes (xyxy, original pixels) -> xywh (float64) -> float32 + pad offset -> * 768 / S ->
-   xyxy (float32), exactly the official operation order. Boxes are not clipped.
-
-Layouts: the model takes NHWC, so `ProcessedImage` holds HWC arrays; `.nchw()` gives the
-official [1, 3, H, W] layout (the golden fixture compares that one).
-
-Input policy (issue 6; each case is either processed or refused with a message):
-  * RGB: as official.  Landscape / portrait / square: as official.
-  * Grayscale (L, 1-bit) -> gray replicated into R, G, B. This equals the official *path* branch
-    (`Image.open(p).convert("RGB")`); the official *PIL-object* branch raises inside
-    expand2square for a non-square mode-L image ("color must be int or single-element tuple").
-  * Alpha (RGBA, LA, PA, P with transparency) -> composited onto white, as transformers'
-    `convert_to_rgb` does in the official PIL-object branch (the pad stays opaque (122,116,104)).
-  * 16-bit (PIL I;16*, I with values <= 65535, uint16 arrays) -> the high byte (v >> 8), the
-    rule PIL itself uses for 48-bit RGB PNGs. The official code saturates them (PIL's I -> RGB
-    conversion clips at 255), which destroys the image; this is a deliberate difference.
-  * EXIF orientation: NOT applied by default (the official code does not, and the boxes given
-    to the model must live in the same frame as the pixels, e.g. UPN run on the same decoded
-    image). `exif_transpose=True` applies `ImageOps.exif_transpose` first; either way a note
-    records an orientation tag other than 1.
-  * Tiny images (down to 1 x 1) are processed; empty images are refused; images whose square
-    canvas would exceed `max_square_side` are refused (the canvas is materialised).
-  * Float images / PIL mode F, unknown channel counts: refused (ambiguous value range).
-  * Boxes: at most `max_objects` (100: ChatRex has the object tags <obj0>..<obj99>). With more,
-    `box_overflow="truncate"` keeps 100 (`select_boxes`): the first 100 when no scores are given
-    - the rule of RexSeek's `evaluate_rexseek.py` (`candidate_boxes[:100]`); the ChatRex-7B
-    processor is remote code not in the repositories - or the 100 highest-scoring (kept in input
-    order) when scores are given. UPN proposals come sorted by score, so both rules keep the same
-    boxes for them. Each such call warns once (`BoxOverflowWarning`) and adds a note naming the
-    count and the rule; `"raise"` refuses. Non-finite coordinates or scores are refused.
+RexSeek's `prepare_input_for_rexseek` (fixture `processor_rexseek`): the image and its boxes go
+through `protocol.image.preprocess_image` (the official pixel and box arithmetic, and this
+project's input policy), the question through the prompt builder and chat template of
+`protocol.prompts` / `protocol.templates`, the prompt through `protocol.tokenize` (ids with the
+-200 / -300 placeholders), and batches get the merge plan of `data.merge`.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
+import json
 import os
 import pathlib
-import warnings
-from fractions import Fraction
 from typing import Any, Literal, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps
 
-from chatrex_jax.data import constants as C
-
-ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W[, C]) uint8/uint16
-
-
-class ImageInputError(ValueError):
-  """An image the processor refuses, with the reason."""
-
-
-class BoxOverflowWarning(UserWarning):
-  """More input boxes than object tags: some were dropped (see `select_boxes`)."""
-
-
-# ------------------------------------------------------------------------------------------
-# Image loading
-
-
-@dataclasses.dataclass
-class LoadedImage:
-  """An RGB uint8 image [H, W, 3] and what was done to get it."""
-  rgb: np.ndarray
-  notes: list[str]
-
-  @property
-  def size_wh(self) -> tuple[int, int]:
-    return int(self.rgb.shape[1]), int(self.rgb.shape[0])
-
-
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_EXIF_ORIENTATION = 0x0112
-
-
-def _composite_on_white(img: Image.Image) -> Image.Image:
-  rgba = img.convert("RGBA")
-  background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-  return Image.alpha_composite(background, rgba).convert("RGB")
-
-
-def _array_to_rgb(a: np.ndarray, what: str) -> np.ndarray:
-  """HW / HWC numpy image -> RGB uint8 HWC (policy in the module docstring)."""
-  if a.ndim == 2:
-    a = a[..., None]
-  if a.ndim != 3 or a.shape[-1] not in (1, 3, 4):
-    raise ImageInputError(
-        f"{what}: expected an array (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) (channels last), "
-        f"got shape {a.shape}")
-  if a.dtype == np.bool_:
-    a = a.astype(np.uint8) * 255
-  elif a.dtype == np.uint16:
-    a = (a >> 8).astype(np.uint8)
-  elif a.dtype != np.uint8:
-    raise ImageInputError(
-        f"{what}: dtype {a.dtype} is not supported (uint8 or uint16 expected; float images are "
-        "refused because their value range is ambiguous - convert to uint8 first)")
-  if a.shape[-1] == 4:
-    return np.asarray(_composite_on_white(Image.fromarray(a, "RGBA")))
-  if a.shape[-1] == 1:
-    return np.repeat(a, 3, axis=-1)
-  return np.ascontiguousarray(a)
-
-
-def _pil_to_rgb(img: Image.Image, what: str) -> np.ndarray:
-  mode = img.mode
-  if mode == "RGB":
-    return np.asarray(img)
-  if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-    a = np.asarray(img)
-    if a.size and (a.min() < 0 or a.max() > 65535):
-      raise ImageInputError(f"{what}: 32-bit integer image with values outside 0..65535")
-    return _array_to_rgb(a.astype(np.uint16), what)
-  if mode == "F":
-    raise ImageInputError(f"{what}: float image (PIL mode F) refused: value range is ambiguous")
-  if mode in _ALPHA_MODES or (mode == "P" and "transparency" in img.info):
-    return np.asarray(_composite_on_white(img))
-  try:
-    return np.asarray(img.convert("RGB"))
-  except (ValueError, OSError) as e:
-    raise ImageInputError(f"{what}: cannot convert PIL mode {mode!r} to RGB: {e}") from e
-
-
-def load_image(image: ImageInput, *, exif_transpose: bool = False) -> LoadedImage:
-  """Loads a path / PIL image / array as an RGB uint8 array [H, W, 3] (policy: module doc)."""
-  notes: list[str] = []
-  if isinstance(image, (str, os.PathLike)):
-    what = f"image {os.fspath(image)!r}"
-    try:
-      with Image.open(image) as f:
-        f.load()
-        img = f.copy()
-        img.info.update(f.info)
-    except FileNotFoundError as e:
-      raise ImageInputError(f"{what}: file not found") from e
-    except Image.DecompressionBombError as e:
-      raise ImageInputError(f"{what}: {e}") from e
-    except OSError as e:
-      raise ImageInputError(f"{what}: not a readable image ({e})") from e
-  elif isinstance(image, Image.Image):
-    what, img = f"PIL image {image.size} mode {image.mode}", image
-  elif isinstance(image, np.ndarray):
-    what = f"array {image.shape} {image.dtype}"
-    rgb = _array_to_rgb(image, what)
-    if rgb.shape[0] == 0 or rgb.shape[1] == 0:
-      raise ImageInputError(f"{what}: empty image")
-    return LoadedImage(rgb, notes)
-  else:
-    raise ImageInputError(f"unsupported image input {type(image).__name__}: pass a path, a PIL "
-                          "image or a uint8 array (H, W[, C])")
-  orientation = 1
-  try:
-    orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
-  except Exception:  # broken EXIF blocks must not stop processing
-    notes.append("EXIF block unreadable; ignored")
-  if orientation != 1:
-    if exif_transpose:
-      img = ImageOps.exif_transpose(img)
-      notes.append(f"EXIF orientation {orientation} applied (exif_transpose=True)")
-    else:
-      notes.append(f"EXIF orientation {orientation} NOT applied (official behaviour); boxes must "
-                   "be in the stored pixel frame. Pass exif_transpose=True to rotate first.")
-  if img.width == 0 or img.height == 0:
-    raise ImageInputError(f"{what}: empty image")
-  return LoadedImage(_pil_to_rgb(img, what), notes)
-
-
-# ------------------------------------------------------------------------------------------
-# Pixel arithmetic
-
-
-def expand2square(rgb: np.ndarray, background: Sequence[int] = C.PAD_COLOUR) -> np.ndarray:
-  """Centred pad to a square, as the official `expand2square` (uint8 [H, W, 3] -> [S, S, 3])."""
-  h, w = rgb.shape[:2]
-  if w == h:
-    return rgb
-  s = max(w, h)
-  out = np.empty((s, s, rgb.shape[2]), np.uint8)
-  out[...] = np.asarray(background, np.uint8)
-  if w > h:
-    top = (w - h) // 2
-    out[top:top + h] = rgb
-  else:
-    left = (h - w) // 2
-    out[:, left:left + w] = rgb
-  return out
-
-
-def clip_preprocess(rgb: np.ndarray, size: int = C.AUX_IMAGE_SIZE,
-                    mean: Sequence[float] = C.CLIP_MEAN,
-                    std: Sequence[float] = C.CLIP_STD) -> np.ndarray:
-  """CLIPImageProcessor (shortest_edge=size, crop size x size, PIL bicubic) -> float32 [S, S, 3].
-
-  Same arithmetic as transformers' numpy/PIL path: PIL resize of the uint8 image, centre crop
-  (top = (h - size) // 2), float32(float64(u8) * (1/255)), (x - float32 mean) / float32 std.
-  """
-  h, w = rgb.shape[:2]
-  short, long = (w, h) if w <= h else (h, w)
-  new_short, new_long = size, int(size * long / short)
-  new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  resized = np.asarray(Image.fromarray(rgb, "RGB").resize((new_w, new_h), Image.BICUBIC))
-  top, left = (new_h - size) // 2, (new_w - size) // 2
-  cropped = resized[top:top + size, left:left + size]
-  x = (cropped.astype(np.float64) * (1 / 255)).astype(np.float32)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-
-
-def _round_f32(x: Fraction) -> np.float32:
-  """Exact rational -> nearest float32 (ties to even): a fused multiply-add's single rounding."""
-  v = np.float32(float(x))
-  cands = (np.nextafter(v, np.float32(-np.inf)), v, np.nextafter(v, np.float32(np.inf)))
-  return min(cands, key=lambda c: (abs(Fraction(float(c)) - x),
-                                   int(np.asarray(c).view(np.int32)) & 1))
-
-
-@functools.lru_cache(maxsize=32)
-def _linear_taps(in_size: int, out_size: int):
-  """PyTorch CPU `upsample_bilinear2d` (align_corners=False, no scale given) taps, float32.
-
-  scale = float32(in) / out; src = fma(scale, dst + 0.5, -0.5) (x86 builds contract this into
-  one FMA, i.e. one rounding - emulated exactly with fractions), clamped at 0; i0 = floor(src)
-  (<= in - 1), lambda1 = src - i0 in [0, 1], lambda0 = 1 - lambda1, i1 = min(i0 + 1, in - 1).
-  """
-  scale = Fraction(float(np.float32(np.float32(in_size) / np.float32(out_size))))
-  src = np.array([_round_f32(scale * (Fraction(d) + Fraction(1, 2)) - Fraction(1, 2))
-                  for d in range(out_size)], np.float32)
-  src = np.maximum(src, np.float32(0.0))
-  i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
-  lam1 = np.clip(src - i0.astype(np.float32), np.float32(0), np.float32(1)).astype(np.float32)
-  lam0 = (np.float32(1) - lam1).astype(np.float32)
-  i1 = i0 + (i0 < in_size - 1).astype(np.int64)
-  return i0, i1, lam0, lam1
-
-
-def _fma_pair(a, wa, b, wb) -> np.ndarray:
-  """float32 `a * wa + b * wb` as PyTorch's compiled kernel evaluates it: fma(a, wa, b * wb)
-  (b * wb rounded to float32, then one rounding of the fused sum; float64 is exact enough)."""
-  bw = (b * wb).astype(np.float32)
-  return (a.astype(np.float64) * wa.astype(np.float64) + bw).astype(np.float32)
-
-
-def torch_bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-  """`F.interpolate(mode="bilinear", align_corners=False, antialias=False)` in numpy, float32.
-
-  x: [H, W, C] (channels last) float32 -> [out_h, out_w, C] float32. Mirrors PyTorch's CPU
-  kernel (`upsample_generic_Nd_kernel_impl`, `Interpolate<n, ..., 2>`): taps from
-  `_linear_taps`, row interpolation `fma(x0, w0, x1 * w1)` along W, then the same along H.
-  Bit-identical to torch 2.13/2.14 on x86 (FMA build); a build without FMA contraction differs
-  by float32 rounding only (<= ~5e-7 for CLIP-normalised pixels).
-  """
-  x = np.asarray(x, np.float32)
-  h, w = x.shape[:2]
-  y0, y1, h0, h1 = _linear_taps(h, out_h)
-  x0, x1, w0, w1 = _linear_taps(w, out_w)
-  w0, w1 = w0[None, :, None], w1[None, :, None]
-  rows0, rows1 = x[y0], x[y1]  # [out_h, W, C]
-  top = _fma_pair(rows0[:, x0], w0, rows0[:, x1], w1)
-  bottom = _fma_pair(rows1[:, x0], w0, rows1[:, x1], w1)
-  return _fma_pair(top, h0[:, None, None], bottom, h1[:, None, None])
-
-
-def xyxy_to_xywh(boxes_xyxy) -> np.ndarray:
-  """[N, 4] xyxy -> xywh in float64 (official: on np.array of python floats)."""
-  b = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
-  return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
-
-
-def pad_boxes(boxes_xywh, size_wh: tuple[int, int]) -> np.ndarray:
-  """Official `pad_boxes`: float32, x += (H - W) // 2 (portrait/square) or y += (W - H) // 2."""
-  b = np.asarray(boxes_xywh).astype(np.float32).reshape(-1, 4)
-  w, h = size_wh
-  if w > h:
-    b[:, 1] += (w - h) // 2
-  else:
-    b[:, 0] += (h - w) // 2
-  return b
-
-
-def resize_boxes(boxes_xywh, square_side: int, target: int = C.AUX_IMAGE_SIZE) -> np.ndarray:
-  """Official `resize_boxes` for the square: x, y, w, h *= float32(target / S), in float32."""
-  b = np.asarray(boxes_xywh).astype(np.float32).reshape(-1, 4)
-  return b * np.float32(target / square_side)
-
-
-def xywh_to_xyxy(boxes_xywh) -> np.ndarray:
-  """[N, 4] xywh -> xyxy in the input dtype (x2 = x + w)."""
-  b = np.asarray(boxes_xywh).reshape(-1, 4)
-  return np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], -1)
-
-
-def transform_boxes(boxes_xyxy, size_wh: tuple[int, int],
-                    target: int = C.AUX_IMAGE_SIZE) -> np.ndarray:
-  """Original-image xyxy boxes -> xyxy in the target x target frame of the squared image.
-
-  Official order and dtypes: xyxy -> xywh in float64; float32 + pad offset (left for portrait,
-  top for landscape, integer (|W - H|) // 2); x, y, w, h *= float32(target / max(W, H));
-  x2 = x + w in float32. boxes [N, 4] -> float32 [N, 4]. Not clipped.
-  """
-  padded = pad_boxes(xyxy_to_xywh(boxes_xyxy), size_wh)
-  return xywh_to_xyxy(resize_boxes(padded, max(size_wh), target)).astype(np.float32)
-
-
-def boxes_to_original(boxes_768, size_wh: tuple[int, int],
-                      target: int = C.AUX_IMAGE_SIZE) -> np.ndarray:
-  """Inverse of `transform_boxes` (float64): 768-frame xyxy -> original-image xyxy."""
-  b = np.asarray(boxes_768, np.float64).reshape(-1, 4)
-  w, h = size_wh
-  s = max(w, h)
-  b = b * (s / target)
-  off = np.array([0, (w - h) // 2, 0, (w - h) // 2] if w > h else [(h - w) // 2, 0, (h - w) // 2, 0],
-                 np.float64)
-  return b - off
-
-
-# ------------------------------------------------------------------------------------------
-# Box cap
-
-
-@dataclasses.dataclass
-class BoxSelection:
-  """The boxes kept under the object-tag cap.
-
-  boxes: float64 [K, 4] kept boxes (input order); indices: int64 [K] their positions in the
-  input; num_given: N; rule: None (nothing dropped), "first" (no scores: the first K, as
-  RexSeek's evaluate_rexseek.py) or "highest_score" (the K best scores, ties to the earlier box).
-  """
-  boxes: np.ndarray
-  indices: np.ndarray
-  num_given: int
-  rule: str | None
-
-  @property
-  def num_dropped(self) -> int:
-    return self.num_given - int(self.indices.shape[0])
-
-  def note(self) -> str | None:
-    """One human-readable line, None when nothing was dropped."""
-    if not self.num_dropped:
-      return None
-    k = int(self.indices.shape[0])
-    how = (f"kept the {k} highest-scoring (in input order)" if self.rule == "highest_score" else
-           f"kept the first {k}, as RexSeek's evaluate_rexseek.py (give scores to keep the "
-           "highest-scoring)")
-    return (f"{self.num_dropped} of {self.num_given} boxes dropped (rule {self.rule!r}, "
-            f"max_objects={k}; ChatRex has the object tags <obj0>..<obj"
-            f"{C.MAX_NUM_OBJECTS - 1}>): {how}")
-
-  def to_dict(self) -> dict:
-    return {"given": self.num_given, "kept": int(self.indices.shape[0]),
-            "dropped": self.num_dropped, "rule": self.rule}
-
-
-def select_boxes(boxes, scores=None, max_objects: int = C.MAX_NUM_OBJECTS) -> BoxSelection:
-  """Caps boxes [N, 4] at max_objects (rule in the module doc). scores: [N] or None.
-  Pure: no warning, no validation beyond shapes (the processor validates first)."""
-  b = np.asarray(boxes, np.float64).reshape(-1, 4)
-  n = b.shape[0]
-  if n <= max_objects:
-    return BoxSelection(b, np.arange(n, dtype=np.int64), n, None)
-  if scores is None:
-    idx, rule = np.arange(max_objects, dtype=np.int64), "first"
-  else:
-    s = np.asarray(scores, np.float64).reshape(-1)
-    if s.shape[0] != n:
-      raise ValueError(f"{s.shape[0]} scores for {n} boxes")
-    # stable sort: among equal scores the earlier box wins; then back to input order
-    idx = np.sort(np.argsort(-s, kind="stable")[:max_objects]).astype(np.int64)
-    rule = "highest_score"
-  return BoxSelection(b[idx], idx, n, rule)
-
-
-# ------------------------------------------------------------------------------------------
-# Processor
-
-
-@dataclasses.dataclass
-class ProcessedImage:
-  """One preprocessed image (host numpy arrays, channels last).
-
-  pixel_values: float32 [336, 336, 3] CLIP input.
-  pixel_values_aux: float32 [768, 768, 3] ConvNeXt input.
-  boxes: float32 [N, 4] xyxy in the 768 frame (N <= max_objects).
-  boxes_original: float64 [N, 4] the kept input boxes, xyxy original pixels (for the parser).
-  size_wh: original (W, H); square_side: S = max(W, H).
-  num_boxes_dropped: boxes beyond max_objects removed by the "truncate" policy.
-  notes: what the input policy did (EXIF, alpha, 16-bit, dropped boxes, ...).
-  box_selection: which input boxes were kept and by which rule (`BoxSelection`; None when the
-  ProcessedImage was built by hand).
-  """
-  pixel_values: np.ndarray
-  pixel_values_aux: np.ndarray
-  boxes: np.ndarray
-  boxes_original: np.ndarray
-  size_wh: tuple[int, int]
-  square_side: int
-  num_boxes_dropped: int = 0
-  notes: list[str] = dataclasses.field(default_factory=list)
-  box_selection: BoxSelection | None = None
-
-  def nchw(self) -> dict[str, np.ndarray]:
-    """The official layout: pixel_values [1,3,336,336], pixel_values_aux [1,3,768,768],
-    gt_boxes [1, N, 4]."""
-    return {
-        "pixel_values": self.pixel_values.transpose(2, 0, 1)[None],
-        "pixel_values_aux": self.pixel_values_aux.transpose(2, 0, 1)[None],
-        "gt_boxes": self.boxes[None],
-    }
+from chatrex_jax.data import merge
+from chatrex_jax.protocol import grammar, prompts, templates, tokenize
+from chatrex_jax.protocol import image as I
+from chatrex_jax.protocol import tokens as C
+from chatrex_jax.protocol.image import ImageInput, ProcessedImage, batch_images, preprocess_image
 
 
 @dataclasses.dataclass
@@ -444,44 +44,41 @@ class ChatRexProcessor:
   max_square_side: refuse images whose expand2square canvas side exceeds it.
   tokenizer: a HF tokenizer with the ChatRex special tokens (optional; without one,
   `process` returns the prompt text only). template: a `ChatTemplate` or its name; None detects
-  it from the tokenizer (`tokenize.detect_template`). system: the system turn; None uses the
+  it from the tokenizer (`templates.detect_template`). system: the system turn; None uses the
   template's default (LLaVA's `vicuna_v1` sentence for LLaMA / Vicuna checkpoints; none for
   ChatML / Qwen, as RexSeek's processor), "" leaves it out.
   """
   tokenizer: Any = None
   template: Any = None
   system: str | None = None
-  aux_size: int = C.AUX_IMAGE_SIZE
-  clip_size: int = C.CLIP_IMAGE_SIZE
-  background: tuple[int, int, int] = C.PAD_COLOUR
+  aux_size: int = I.AUX_IMAGE_SIZE
+  clip_size: int = I.CLIP_IMAGE_SIZE
+  background: tuple[int, int, int] = I.PAD_COLOUR
   max_objects: int = C.MAX_NUM_OBJECTS
   box_overflow: Literal["truncate", "raise"] = "truncate"
   exif_transpose: bool = False
   max_square_side: int = 12000
-  mean: tuple[float, float, float] = C.CLIP_MEAN
-  std: tuple[float, float, float] = C.CLIP_STD
+  mean: tuple[float, float, float] = I.CLIP_MEAN
+  std: tuple[float, float, float] = I.CLIP_STD
 
   def __post_init__(self):
     if self.box_overflow not in ("truncate", "raise"):
       raise ValueError(f"box_overflow must be 'truncate' or 'raise', got {self.box_overflow!r}")
-    from chatrex_jax.data import tokenize
     if self.template is None and self.tokenizer is not None:
-      self.template = tokenize.detect_template(self.tokenizer)
+      self.template = templates.detect_template(self.tokenizer)
     elif isinstance(self.template, str):
-      self.template = tokenize.get_template(self.template)
+      self.template = templates.get_template(self.template)
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, **kwargs) -> "ChatRexProcessor":
     """Processor for a checkpoint directory: its tokenizer (`tokenize.load_tokenizer`, as the
     official code loads it) and the chat template detected from it (and config.json)."""
-    import json
-    from chatrex_jax.data import tokenize
     path = pathlib.Path(path)
     tokenizer = tokenize.load_tokenizer(path)
     config = None
     if (path / "config.json").exists():
       config = json.loads((path / "config.json").read_text())
-    template = kwargs.pop("template", None) or tokenize.detect_template(tokenizer, config)
+    template = kwargs.pop("template", None) or templates.detect_template(tokenizer, config)
     missing = [t for t in C.SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
       raise ValueError(f"tokenizer in {path} lacks {len(missing)} ChatRex tokens (first: "
@@ -490,70 +87,29 @@ class ChatRexProcessor:
 
   # -- images and boxes ---------------------------------------------------------------------
 
-  def _check_boxes(self, boxes, scores=None) -> BoxSelection:
-    if boxes is None or np.asarray(boxes).size == 0:
-      return select_boxes(np.zeros((0, 4)), None, self.max_objects)
-    b = np.asarray(boxes, np.float64)
-    if b.ndim != 2 or b.shape[1] != 4:
-      raise ValueError(f"boxes must be [N, 4] xyxy in original-image pixels, got shape {b.shape}")
-    if not np.all(np.isfinite(b)):
-      bad = np.argwhere(~np.isfinite(b).all(-1)).ravel().tolist()
-      raise ValueError(f"boxes {bad} have non-finite coordinates")
-    if scores is not None:
-      scores = np.asarray(scores, np.float64).reshape(-1)
-      if scores.shape[0] != b.shape[0]:
-        raise ValueError(f"{scores.shape[0]} scores for {b.shape[0]} boxes")
-      if not np.all(np.isfinite(scores)):
-        raise ValueError("scores must be finite")
-    if b.shape[0] > self.max_objects and self.box_overflow == "raise":
-      raise ValueError(f"{b.shape[0]} boxes given, at most max_objects={self.max_objects} are "
-                       "supported (box_overflow='truncate' keeps the first ones, or the "
-                       "highest-scoring when scores are given)")
-    return select_boxes(b, scores, self.max_objects)
-
   def preprocess_image(self, image: ImageInput, boxes=None, scores=None) -> ProcessedImage:
-    """Image + optional boxes [N, 4] (xyxy, original pixels) and their scores [N] (used only
-    to choose which boxes to keep when N > max_objects) -> ProcessedImage."""
-    loaded = load_image(image, exif_transpose=self.exif_transpose)
-    w, h = loaded.size_wh
-    s = max(w, h)
-    if s > self.max_square_side:
-      raise ImageInputError(
-          f"image {w}x{h}: its square canvas would be {s}x{s}, above max_square_side="
-          f"{self.max_square_side}; downscale it first (and its boxes) or raise the limit")
-    selection = self._check_boxes(boxes, scores)
-    square = expand2square(loaded.rgb, self.background)
-    aux = clip_preprocess(square, self.aux_size, self.mean, self.std)
-    clip = torch_bilinear_resize(aux, self.clip_size, self.clip_size)
-    notes = list(loaded.notes)
-    note = selection.note()
-    if note:
-      notes.append(note)
-      warnings.warn(note, BoxOverflowWarning, stacklevel=2)
-    b = selection.boxes
-    return ProcessedImage(pixel_values=clip, pixel_values_aux=aux,
-                          boxes=transform_boxes(b, (w, h), self.aux_size), boxes_original=b,
-                          size_wh=(w, h), square_side=s, num_boxes_dropped=selection.num_dropped,
-                          notes=notes, box_selection=selection)
+    """`protocol.image.preprocess_image` with this processor's settings."""
+    return preprocess_image(image, boxes, scores, aux_size=self.aux_size,
+                            clip_size=self.clip_size, background=self.background, mean=self.mean,
+                            std=self.std, max_objects=self.max_objects,
+                            box_overflow=self.box_overflow, exif_transpose=self.exif_transpose,
+                            max_square_side=self.max_square_side)
 
   # -- prompts and tokens ------------------------------------------------------------------
 
   def prompt(self, question: str, num_objects: int, system: str | None = None) -> tuple[str, str]:
     """(user text, full prompt string) for a question about an image with num_objects boxes
     (system: this call's system turn; None: the processor's `system`)."""
-    from chatrex_jax.data import tokenize
-    from chatrex_jax.inference import prompts
     if self.template is None:
       raise ValueError("no chat template: pass tokenizer= or template= to ChatRexProcessor")
     user = prompts.build_user_text(question, num_objects)
-    return user, tokenize.apply_template(self.template, user,
+    return user, templates.apply_template(self.template, user,
                                          system=self.system if system is None else system)
 
   def process(self, image: ImageInput, question: str, boxes=None,
               system: str | None = None, *, scores=None) -> ProcessedSample:
     """The official `prepare_input_for_rexseek` for one sample (+ our input policy; scores [N]
     only choose the kept boxes when there are more than max_objects)."""
-    from chatrex_jax.data import tokenize
     img = self.preprocess_image(image, boxes, scores)
     user, prompt = self.prompt(question, img.boxes.shape[0], system=system)
     ids = None
@@ -564,12 +120,11 @@ class ChatRexProcessor:
   def process_task(self, image: ImageInput, task: str, boxes=None, *, objects=None,
                    granularity: str | None = None, text: str | None = None,
                    variant: int = 0, raw_question: bool = False, scores=None) -> ProcessedSample:
-    """`process` with the official question of a task (`inference.prompts.question`):
+    """`process` with the official question of a task (`protocol.prompts.question`):
     detect / refer / count (objects = categories or expressions), region_caption
     (objects = box indices; granularity category / short_phrase / brief / one_sentence),
     grounded_caption (granularity brief / detailed), chat (text = the question, prefixed with
     the grounded-format sentence unless raw_question)."""
-    from chatrex_jax.inference import prompts
     q = prompts.question(task, objects, granularity=granularity, variant=variant, text=text,
                          raw=raw_question)
     return self.process(image, q, boxes, scores=scores)
@@ -577,52 +132,26 @@ class ChatRexProcessor:
   @staticmethod
   def parse(answer: str, sample: ProcessedSample, **kwargs):
     """Parses a decoded answer against the sample's kept input boxes (original-image xyxy)
-    with the official visualiser's rule (`inference.parser.parse_grounded` defaults; kwargs
+    with the official visualiser's rule (`inference.grammar.parse_grounded` defaults; kwargs
     select its other options)."""
-    from chatrex_jax.inference import parser
-    return parser.parse_grounded(answer, sample.image.boxes_original, **kwargs)
+    return grammar.parse_grounded(answer, sample.image.boxes_original, **kwargs)
 
   # -- batching ----------------------------------------------------------------------------
 
   def batch(self, samples: Sequence[ProcessedSample], *, seq_len: int | None = None,
-            max_objects: int | None = None, num_image_tokens: int = C.NUM_IMAGE_TOKENS,
+            max_objects: int | None = None, num_image_tokens: int = I.NUM_IMAGE_TOKENS,
             pad_token_id: int = C.DEFAULT_PAD_TOKEN_INDEX, truncate: bool = False
             ) -> dict[str, np.ndarray]:
     """Stacks samples into fixed-shape arrays (see `batch_images`) plus the merge plan of
-    `tokenize.merge_plan` (token_ids, source, source_index, attention_mask, position_ids,
+    `merge.merge_plan` (token_ids, source, source_index, attention_mask, position_ids,
     labels, image_positions, object_positions, lengths)."""
-    from chatrex_jax.data import tokenize
     if any(s.input_ids is None for s in samples):
       raise ValueError("samples have no input_ids: the processor needs a tokenizer")
     out = batch_images([s.image for s in samples], max_objects or self.max_objects)
-    plan = tokenize.merge_plan([s.input_ids for s in samples], seq_len=seq_len,
+    plan = merge.merge_plan([s.input_ids for s in samples], seq_len=seq_len,
                                num_objects=[s.image.boxes.shape[0] for s in samples],
                                max_objects=out["boxes"].shape[1],
                                num_image_tokens=num_image_tokens, pad_token_id=pad_token_id,
                                truncate=truncate)
     out.update(plan)
     return out
-
-
-def batch_images(images: Sequence[ProcessedImage], max_objects: int = C.MAX_NUM_OBJECTS
-                 ) -> dict[str, np.ndarray]:
-  """Stacks ProcessedImages: pixel_values [B,336,336,3], pixel_values_aux [B,768,768,3] float32,
-  boxes [B, max_objects, 4] float32 (zero rows after the valid ones), box_mask [B, max_objects]
-  bool, num_boxes [B] int32."""
-  if not images:
-    raise ValueError("empty batch")
-  n = [im.boxes.shape[0] for im in images]
-  if max(n) > max_objects:
-    raise ValueError(f"a sample has {max(n)} boxes > max_objects={max_objects}")
-  boxes = np.zeros((len(images), max_objects, 4), np.float32)
-  mask = np.zeros((len(images), max_objects), bool)
-  for i, im in enumerate(images):
-    boxes[i, :n[i]] = im.boxes
-    mask[i, :n[i]] = True
-  return {
-      "pixel_values": np.stack([im.pixel_values for im in images]),
-      "pixel_values_aux": np.stack([im.pixel_values_aux for im in images]),
-      "boxes": boxes,
-      "box_mask": mask,
-      "num_boxes": np.asarray(n, np.int32),
-  }

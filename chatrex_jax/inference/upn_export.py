@@ -1,7 +1,7 @@
 """Proposal export: run a UPN over an engine dataset and write records that carry `proposals`.
 
     python -m chatrex_jax.inference.upn_export --input /data/rexverse --output /data/rexverse_upn \
-        --params /runs/upn_tiny --config configs/upn_train_tiny.py --prompt fine
+        --params /runs/upn_tiny --config chatrex_jax/configs/upn_train_tiny.py --prompt fine
 
 `--params` is a training workdir of `chatrex-jax train` (the latest Orbax checkpoint's
 trainable + frozen parameters) or an official UPN checkpoint file (.pth / .safetensors, the
@@ -36,6 +36,7 @@ PromptFn = Callable[[list, str], list]   # (PIL images, prompt) -> list of infer
 def load_trained_params(workdir: str | os.PathLike, step: int | None = None) -> dict:
   """Parameters (trainable merged with frozen) of a `Trainer` checkpoint in workdir/checkpoints."""
   import orbax.checkpoint as ocp
+
   from chatrex_jax.train.optimizer import merge
   directory = pathlib.Path(workdir).absolute() / "checkpoints"
   if not directory.exists():
@@ -106,8 +107,8 @@ def export_proposals(input_dir: str, output_dir: str, predict: PromptFn, *, prom
                      split: str = "train", batch_size: int = 4, provenance: str = "upn",
                      settings: dict | None = None) -> dict:
   """Writes output_dir (same shard names + manifest); returns {"records", "proposals"} counts."""
-  from data_engine.writer import write_array_record
   from chatrex_jax.inference.upn import load_image
+  from data_engine.writer import write_array_record
   if prompt not in ("fine", "coarse", "both"):
     raise ValueError(f"prompt must be fine | coarse | both, got {prompt!r}")
   if os.path.abspath(input_dir) == os.path.abspath(output_dir):
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--output", required=True)
   p.add_argument("--params", required=True, help="training workdir or official UPN checkpoint file")
   p.add_argument("--config", default="", help="UPN config FILE[:ARG] with a model section "
-                 "(configs/upn_train_tiny.py, configs/upn_large.py, ...)")
+                 "(chatrex_jax/configs/upn_train_tiny.py, chatrex_jax/configs/upn_large.py, ...)")
   p.add_argument("--prompt", default="fine", choices=("fine", "coarse", "both"))
   p.add_argument("--split", default="train")
   p.add_argument("--min-score", type=float, default=0.3)
@@ -159,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
   config = None
   if args.config:
-    from chatrex_jax.train.main import load_config
+    from chatrex_jax.configs import load_config
     model = load_config(args.config).model
     config = UPNConfig.from_config_dict({k: v for k, v in dict(model).items() if k not in TASK_MODEL_KEYS})
   if os.path.isdir(args.params):

@@ -3,32 +3,24 @@
   python -m chatrex_jax.inference.upn_predict --upn upn_large.pth --image photo.jpg \\
       --prompt-type fine --min-score 0.3 --nms 0.8 --out proposals.png
 
-`--config` picks the model (`large` = configs/upn_large.py, the released checkpoint; `tiny`;
+`--config` picks the model (`large` = chatrex_jax/configs/upn_large.py, the released checkpoint; `tiny`;
 or a path `FILE[:ARG]` to an ml_collections config with a `model` section).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import pathlib
 import sys
-
-CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def load_config(spec: str):
-  """'large' | 'tiny' | FILE[:ARG] -> UPNConfig."""
+  """'large' | 'tiny' (the packaged upn_large / upn_tiny) | NAME[:ARG] | FILE[:ARG] -> UPNConfig."""
+  from chatrex_jax import configs
   from chatrex_jax.models.upn.upn import UPNConfig
-  path, _, arg = spec.partition(":")
-  if path in ("large", "tiny"):
-    path = str(CONFIGS / f"upn_{path}.py")
-  if not pathlib.Path(path).exists():
-    raise FileNotFoundError(f"config {path} not found (use 'large', 'tiny' or FILE[:ARG])")
-  sp = importlib.util.spec_from_file_location("upn_config", path)
-  mod = importlib.util.module_from_spec(sp)
-  sp.loader.exec_module(mod)
-  return UPNConfig.from_config_dict(mod.get_config(arg or None).model)
+  name, sep, arg = spec.partition(":")
+  if name in ("large", "tiny"):
+    spec = f"upn_{name}{sep}{arg}"
+  return UPNConfig.from_config_dict(configs.load_config(spec).model)
 
 
 def main(argv: list[str] | None = None) -> int:

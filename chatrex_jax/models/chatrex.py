@@ -8,7 +8,7 @@ A thin wrapper with named steps, PaliGemma-style:
       -> object tokens [B, M, D] (multi-level RoI + sine box embedding -> mm_object_projector)
   embed_sequence(token_ids, source, source_index, image_tokens, object_tokens)
       -> inputs_embeds [B, T, D]: text embeddings with image/object tokens scattered in at the
-         positions the data pipeline computed (`chatrex_jax.data.tokenize.merge_plan`)
+         positions the data pipeline computed (`chatrex_jax.data.merge.merge_plan`)
   __call__(batch) -> {"logits", "image_tokens", "object_tokens", "inputs_embeds", ...}
 
 Generation reuses the decoder's KV-cache loop: `embed_inputs` gives the merged embeddings,
@@ -20,19 +20,20 @@ Parameter tree: llm/, vision_tower/, vision_tower_aux/, mm_projector/, mm_object
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional
+from typing import Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from chatrex_jax.data import constants as C
-from chatrex_jax.data.tokenize import merge_embeddings
 from chatrex_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionTower
 from chatrex_jax.models.convnext import ConvNeXt, ConvNeXtConfig
 from chatrex_jax.models.llm import CausalLM, LLMConfig
+from chatrex_jax.models.merge import merge_embeddings
 from chatrex_jax.models.object_encoder import MultiLevelRoIEncoder
 from chatrex_jax.models.projector import MLP2xGELU, fuse_image_tokens
+from chatrex_jax.protocol import image as I
+from chatrex_jax.protocol import tokens as C
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ class ChatRexConfig:
   llm: LLMConfig
   clip: CLIPVisionConfig = CLIPVisionConfig()
   convnext: ConvNeXtConfig = ConvNeXtConfig()
-  aux_image_size: int = C.AUX_IMAGE_SIZE  # boxes live in this frame
+  aux_image_size: int = I.AUX_IMAGE_SIZE  # boxes live in this frame
   roi_output_size: int = 7
   add_pos_embedding: bool = True
   # Training switches (spec B.11): the released ConvNeXt runs under no_grad.
@@ -120,7 +121,7 @@ class ChatRex(nn.Module):
 
     batch: pixel_values [B, Hc, Wc, 3], pixel_values_aux [B, Ha, Wa, 3], boxes [B, M, 4],
       box_mask [B, M], and the merge plan: token_ids, source, source_index, attention_mask,
-      position_ids [B, T] (`chatrex_jax.data.tokenize.merge_plan`).
+      position_ids [B, T] (`chatrex_jax.data.merge.merge_plan`).
     returns: {"logits": [B, T, V] fp32, "inputs_embeds": [B, T, D], + intermediates if asked}.
     """
     embeds, inter = self.embed_inputs(batch)

@@ -14,7 +14,6 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 class Projection(nn.Module):

@@ -396,7 +396,7 @@ class Decoder(nn.Module):
     else:
       caches = []
       for i in range(cfg.num_hidden_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
         x, c = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
                                                    segment_ids, cache_index)
         caches.append(c)
@@ -501,6 +501,6 @@ def unstack_layers(params: dict, num_layers: int) -> dict:
   dec = dict(params["decoder"])
   stacked = dec.pop("layers")["layer"]
   for i in range(num_layers):
-    dec[f"layers_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], stacked)
+    dec[f"layers_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
   params["decoder"] = dec
   return params

@@ -54,15 +54,3 @@ def fuse_image_tokens(clip_tokens: jax.Array, convnext_last: jax.Array) -> jax.A
                      "At the ChatRex sizes CLIP 336/14 gives 24x24 and ConvNeXt 768/32 gives 24x24.")
   flat = convnext_last.reshape(b, t, c).astype(clip_tokens.dtype)
   return jnp.concatenate([clip_tokens, flat], axis=-1)
-
-
-class ImageTokenProjector(nn.Module):
-  """fuse_image_tokens + mm_projector: ([B,T,Dc], [B,Y,X,Dx]) -> [B, T, features]."""
-  features: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, clip_tokens: jax.Array, convnext_last: jax.Array) -> jax.Array:
-    fused = fuse_image_tokens(clip_tokens, convnext_last)
-    return MLP2xGELU(self.features, self.dtype, self.param_dtype, name="mm_projector")(fused)

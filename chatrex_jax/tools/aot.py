@@ -1,6 +1,6 @@
 """Ahead-of-time compile check of the train step for a target topology, without the hardware.
 
-  python -m chatrex_jax.tools.aot --config configs/chatrex_7b.py:stage2 --topology v5p-256 \
+  python -m chatrex_jax.tools.aot --config chatrex_7b:stage2 --topology v5p-256 \
       [--report out.json] [--config.mesh.fsdp=64 ...]
   python -m chatrex_jax.tools.aot --quick            # tiny config, 8 fake CPU devices (CI)
   python -m chatrex_jax.tools.aot --write-golden tests/golden/chatrex_7b_partition_specs.json
@@ -53,7 +53,8 @@ import sys
 import time
 from typing import Optional
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+from chatrex_jax.configs import apply_overrides, load_config, split_overrides
+
 GIB = 1024 ** 3
 
 # chips -> physical topology (3D torus generations: v4, v5p; 2D: v5e, v6e).
@@ -72,12 +73,12 @@ _GENERATIONS = {
 }
 
 # Reference meshes of the partition-spec golden (128 devices = one v5p-256 slice).
-GOLDEN_CONFIG = "configs/chatrex_7b.py:stage2"
+GOLDEN_CONFIG = "chatrex_7b:stage2"
 GOLDEN_MESHES = {
     "fsdp128": {"data": 1, "fsdp": 128, "tensor": 1},
     "data2_fsdp16_tensor4": {"data": 2, "fsdp": 16, "tensor": 4},
 }
-QUICK_CONFIG = "configs/chatrex_tiny.py:stage2"
+QUICK_CONFIG = "chatrex_tiny:stage2"
 QUICK_OVERRIDES = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_size=8",
                    "data.seq_len=32", "data.max_objects=4")
 QUICK_VOCAB = 256
@@ -130,14 +131,6 @@ def parse_topology(name: str) -> Target:
 
 # ---------------------------------------------------------------------------------------------
 # Config and task
-
-
-def load_config(spec: str, overrides=()):
-  from chatrex_jax.train.main import load_config as _load
-  path, sep, arg = spec.partition(":")
-  if not pathlib.Path(path).exists() and (REPO_ROOT / path).exists():
-    spec = str(REPO_ROOT / path) + sep + arg
-  return _load(spec, overrides)
 
 
 def quick_config():
@@ -200,8 +193,9 @@ def partition_specs(config, meshes: Optional[dict] = None) -> dict:
   Returns a JSON-able dict (the golden file's content).
   """
   import flax.linen as nn
-  import numpy as np
   from jax.sharding import PartitionSpec
+  import numpy as np
+
   from chatrex_jax.convert.mapping import flatten
   from chatrex_jax.train import optimizer as opt_lib
   from chatrex_jax.train.main import build_task
@@ -320,6 +314,7 @@ def target_devices(target: Target, backend: str = "auto"):
 def _dropped_axes(abstract, shardings, rules) -> list[dict]:
   """Parameters whose rules-given mesh axes `logical_shardings` dropped (indivisible dims)."""
   import flax.linen as nn
+
   from chatrex_jax.convert.mapping import flatten
   logical = flatten(nn.get_partition_spec(abstract))
   shapes, flat_sh = flatten(nn.unbox(abstract)), flatten(shardings)
@@ -347,6 +342,7 @@ def abstract_train_state(config, mesh, shard_opt_state: bool = True):
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
+
   from chatrex_jax.train import optimizer as opt_lib
   from chatrex_jax.train import sharding as sharding_lib
   from chatrex_jax.train.main import build_task
@@ -392,6 +388,7 @@ def abstract_batch(config, task, mesh):
   """The global batch the step sees: `mllm_task.MODEL_BATCH_KEYS`, batch axis over (data, fsdp)."""
   import jax
   import jax.numpy as jnp
+
   from chatrex_jax.models.chatrex import example_batch
   from chatrex_jax.train import sharding as sharding_lib
 
@@ -441,6 +438,7 @@ def lower_train_step(config, devices, *, shard_opt_state=True):
   """
   import flax.linen as nn
   import jax
+
   from chatrex_jax.train import sharding as sharding_lib
   from chatrex_jax.train.trainer import make_train_step
 
@@ -589,7 +587,7 @@ def _reexec_with_cpu_devices(argv: list[str], n: int) -> int:
 def _parse(argv):
   p = argparse.ArgumentParser(prog="python -m chatrex_jax.tools.aot", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", help="FILE[:ARG], e.g. configs/chatrex_7b.py:stage2")
+  p.add_argument("--config", help="NAME[:ARG] or FILE[:ARG], e.g. chatrex_7b:stage2")
   p.add_argument("--topology", default=None, help="v5p-256 | v5p:4x4x8 | cpu:8 ... (default v5p-256; "
                  "--quick: cpu:8)")
   p.add_argument("--backend", choices=("auto", "tpu", "cpu"), default="auto",
@@ -608,8 +606,8 @@ def _parse(argv):
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-  args = _parse(argv).parse_args([a for a in argv if not a.startswith("--config.")])
+  argv, overrides = split_overrides(argv)
+  args = _parse(argv).parse_args(argv)
 
   if args.write_golden:
     golden = golden_specs()
@@ -625,11 +623,7 @@ def main(argv=None) -> int:
 
   if args.quick:
     config = quick_config()
-    if overrides:
-      from chatrex_jax.train.main import set_path
-      for item in overrides:
-        key, _, raw = item.partition("=")
-        set_path(config, key, raw)
+    apply_overrides(config, overrides)
     target = parse_topology(args.topology or "cpu:8")
   else:
     if not args.config:

@@ -128,9 +128,8 @@ def _count_leaves(tree) -> int:
 # ----------------------------------------------------------------------------- llm
 
 def run_llm(args) -> int:
-  from chatrex_jax.convert import gguf
+  from chatrex_jax.convert import gguf, safetensors_io
   from chatrex_jax.convert import llm as llm_convert
-  from chatrex_jax.convert import safetensors_io
   from chatrex_jax.models.llm import LLMConfig
   if gguf.is_gguf(args.src):
     return run_gguf(args)
@@ -222,8 +221,9 @@ def chatrex_config_from_json(hf: Mapping):
 
 def _check_param_shapes(params, config) -> None:
   """Restored params vs the model's parameter shapes: every mismatch listed at once."""
-  import jax
   from flax.core import meta
+  import jax
+
   from chatrex_jax.convert.mapping import ConversionError, flatten
   from chatrex_jax.models.chatrex import ChatRex, example_batch
   want = flatten(meta.unbox(jax.eval_shape(ChatRex(config).init, jax.random.key(0),
@@ -404,7 +404,8 @@ def run_upn(args) -> int:
 def _training_config(args):
   """The run's config: --config FILE[:ARG] (+ overrides), else WORKDIR/config.json."""
   import ml_collections
-  from chatrex_jax.train.main import load_config
+
+  from chatrex_jax.configs import apply_overrides, load_config
   if args.config:
     try:
       return load_config(args.config, args.overrides)
@@ -414,12 +415,10 @@ def _training_config(args):
   if not saved.exists():
     raise UsageError(f"{saved} not found: give the run's training config with --config FILE[:ARG]")
   config = ml_collections.ConfigDict(json.loads(saved.read_text()))
-  from chatrex_jax.train.main import set_path
-  for item in args.overrides:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise UsageError(f"override --config.{item} is not key=value")
-    set_path(config, key, raw)
+  try:
+    apply_overrides(config, args.overrides)
+  except (ValueError, KeyError) as e:
+    raise UsageError(str(e).strip("'\"")) from None
   return config
 
 
@@ -478,7 +477,7 @@ def _export_chatrex(args, config, params) -> int:
     if not pathlib.Path(tok_dir).is_dir():
       raise UsageError(f"config.data.tokenizer_dir {tok_dir} is not a folder: set "
                        "--config.data.tokenizer_dir to the tokenizer the run trained with")
-    from chatrex_jax.data.tokenize import load_tokenizer
+    from chatrex_jax.protocol.tokenize import load_tokenizer
     tokenizer = load_tokenizer(tok_dir)
   try:
     model = model_config(config.model, len(tokenizer) if tokenizer is not None else None)
@@ -557,8 +556,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-  argv = [a for a in argv if not a.startswith("--config.")]
+  from chatrex_jax.configs import split_overrides
+  argv, overrides = split_overrides(argv)
   parser = _parser()
   try:
     args = parser.parse_args(argv)

@@ -8,52 +8,11 @@ processes, or forced with --distributed).
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib.util
 import os
 import pathlib
 import sys
 
-import ml_collections
-
-
-def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
-  """Loads `FILE[:ARG]` and applies `key.sub=value` overrides (values parsed as Python literals)."""
-  path, _, arg = spec.partition(":")
-  path = pathlib.Path(path)
-  if not path.exists():
-    raise FileNotFoundError(f"config file {path} not found")
-  module_spec = importlib.util.spec_from_file_location(f"_chatrex_config_{path.stem}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  if not hasattr(module, "get_config"):
-    raise ValueError(f"{path} has no get_config(arg) function")
-  config = module.get_config(arg) if arg else module.get_config()
-  for item in overrides:
-    key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"override {item!r} is not key=value")
-    set_path(config, key, raw)
-  return config
-
-
-def set_path(config: ml_collections.ConfigDict, key: str, raw: str):
-  *parents, leaf = key.split(".")
-  node = config
-  for p in parents:
-    if p not in node:
-      raise KeyError(f"config has no field {key!r} (no {p!r})")
-    node = node[p]
-  if leaf not in node:
-    raise KeyError(f"config has no field {key!r}; known at that level: {sorted(node.keys())}")
-  try:
-    value = ast.literal_eval(raw)
-  except (ValueError, SyntaxError):
-    value = raw  # a bare string
-  old = node[leaf]
-  if isinstance(old, float) and isinstance(value, int):
-    value = float(value)
-  node[leaf] = value
+from chatrex_jax.configs import load_config, split_overrides
 
 
 def maybe_initialize_distributed(force: bool = False):
@@ -75,11 +34,11 @@ def build_task(config):
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
-  argv = [a for a in argv if not a.startswith("--config.")]
+  argv, overrides = split_overrides(argv)
   p = argparse.ArgumentParser(prog="chatrex-jax train", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", required=True, help="FILE[:ARG], e.g. configs/chatrex_tiny.py:stage1")
+  p.add_argument("--config", required=True,
+                 help="NAME[:ARG] (a packaged config, e.g. chatrex_tiny:stage1) or FILE[:ARG]")
   p.add_argument("--workdir", required=True)
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
   p.add_argument("--max-steps-this-run", type=int, default=None,

@@ -42,9 +42,9 @@ import functools
 from typing import Any, Mapping, NamedTuple
 
 import jax
+from jax import lax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from chatrex_jax.ops import boxes as box_ops
 

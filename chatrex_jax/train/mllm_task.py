@@ -2,17 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatrex_jax.data import constants as C
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, example_batch
 from chatrex_jax.models.clip_vit import CLIPVisionConfig
 from chatrex_jax.models.convnext import ConvNeXtConfig
 from chatrex_jax.models.llm import LLMConfig
+from chatrex_jax.protocol import tokens as C
 from chatrex_jax.train.optimizer import STAGE_PATTERNS
 from chatrex_jax.train.trainer import SelectKeys
 
@@ -90,7 +89,7 @@ class ChatRexTask:
     self.tokenizer = None
     vocab = None
     if config.data.get("tokenizer_dir"):
-      from chatrex_jax.data import tokenize
+      from chatrex_jax.protocol import tokenize
       self.tokenizer = tokenize.load_tokenizer(config.data.tokenizer_dir)
       vocab = len(self.tokenizer)
     self.model_config = model_config(config.model, vocab)
@@ -136,7 +135,7 @@ class ChatRexTask:
             for f in fields if getattr(found.llm, f) != getattr(want, f)]
     if diff:
       raise ValueError(f"model.init_from={path} holds another LLM than model.llm: " + "; ".join(diff)
-                       + ". Use the config of its base (configs/chatrex_7b.py:STAGE,vicuna for the "
+                       + ". Use the config of its base (chatrex_jax/configs/chatrex_7b.py:STAGE,vicuna for the "
                        "released ChatRex-7B) or leave model.llm empty to take the checkpoint's")
     config, params, _ = chatrex_convert.load_checkpoint(path)
     if self.model_config.llm.scan_layers:

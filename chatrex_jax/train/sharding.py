@@ -10,8 +10,8 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import numpy as np
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -22,7 +22,6 @@ message before anything is saved: the last good checkpoint stays intact. SIGTERM
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 from typing import Any, Callable, Optional

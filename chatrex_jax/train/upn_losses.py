@@ -35,8 +35,8 @@ import functools
 from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from jax import lax
+import jax.numpy as jnp
 
 from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.train import matching

@@ -18,7 +18,6 @@ recomputes them here from the model's own submodules (same arithmetic as `UPN.de
 """
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,7 +92,7 @@ def select_prompt(outs: dict, prompt_id) -> dict:
 class UPNTask:
   """Binds UPN, its criterion and the UPN data pipeline for `train.trainer.Trainer`.
 
-  config sections: model (configs/upn_*.py), loss (UPNLossConfig fields, optional),
+  config sections: model (chatrex_jax/configs/upn_*.py), loss (UPNLossConfig fields, optional),
   optim (incl. lr_backbone), data (`upn_data.default_upn_data_config`).
   """
 

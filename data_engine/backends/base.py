@@ -29,7 +29,7 @@ import numpy as np
 Box = list  # [x1, y1, x2, y2] in pixels
 
 
-class Backend(abc.ABC):
+class Backend(abc.ABC):  # noqa: B024 - the interfaces below declare the abstract methods
   name: str = "backend"
   version: str = "0"
 

@@ -18,8 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from data_engine.backends.base import (Box, GroundingBackend, VerifierBackend,
-                                       VisionLanguageBackend)
+from data_engine.backends.base import Box, GroundingBackend, VerifierBackend, VisionLanguageBackend
 
 CAPTION_PROMPT = "Describe this image in detail, naming every visible object."
 REGION_PROMPT = "Describe the {phrase} in this image region in detail."

@@ -7,8 +7,7 @@ they can never silently label real images.
 from __future__ import annotations
 
 from data_engine import synthetic
-from data_engine.backends.base import (Box, GroundingBackend, VerifierBackend,
-                                       VisionLanguageBackend)
+from data_engine.backends.base import Box, GroundingBackend, VerifierBackend, VisionLanguageBackend
 
 VERSION = "synthetic-scenes-1"
 _STOP = {"a", "an", "the", "of", "on", "in", "with", "its", "and"}

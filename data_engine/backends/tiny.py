@@ -31,11 +31,22 @@ def _word_tokenizer(special: list[str]):
 def make_tiny_models(root: str, seed: int = 0) -> dict[str, str]:
   """Build and save the three tiny models; returns {"vlm": dir, "grounding": dir, "llm": dir}."""
   import torch
-  from transformers import (BertConfig, BertTokenizerFast, CLIPImageProcessor, CLIPVisionConfig,
-                            GroundingDinoConfig, GroundingDinoForObjectDetection,
-                            GroundingDinoImageProcessor, GroundingDinoProcessor, LlamaConfig,
-                            LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration,
-                            LlavaProcessor, SwinConfig)
+  from transformers import (
+    BertConfig,
+    BertTokenizerFast,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    GroundingDinoConfig,
+    GroundingDinoForObjectDetection,
+    GroundingDinoImageProcessor,
+    GroundingDinoProcessor,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    SwinConfig,
+  )
   torch.manual_seed(seed)
   dirs = {k: os.path.join(root, k) for k in ("vlm", "grounding", "llm")}
 

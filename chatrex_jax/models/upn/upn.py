@@ -26,8 +26,7 @@ import numpy as np
 
 from chatrex_jax.models.upn.deformable import MLP, dense, layer_norm
 from chatrex_jax.models.upn.swin import SWIN_VARIANTS, SwinConfig, SwinTransformer
-from chatrex_jax.models.upn.transformer import (Decoder, Encoder, encoder_output_proposals,
-                                                exact_divide, inverse_sigmoid)
+from chatrex_jax.models.upn.transformer import Decoder, Encoder, encoder_output_proposals, exact_divide, inverse_sigmoid
 from chatrex_jax.ops.ms_deform_attn import level_start_index
 from chatrex_jax.ops.position import sine_position_map
 
@@ -52,7 +51,7 @@ class UPNConfig:
 
   @classmethod
   def from_config_dict(cls, model) -> "UPNConfig":
-    """From the `model` section of configs/upn_*.py (ml_collections or dict)."""
+    """From the `model` section of chatrex_jax/configs/upn_*.py (ml_collections or dict)."""
     d = dict(model)
     swin = SwinConfig.from_official(dict(d.pop("swin")))
     dtype = d.pop("backbone_dtype", "float32")

@@ -1,12 +1,11 @@
 """Runner for the `chatrex_forward` fixture: the whole MLLM forward, loss and greedy generation."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.convert import chatrex as chatrex_convert
-from chatrex_jax.data.tokenize import merge_plan
+from chatrex_jax.data.merge import merge_plan
 from chatrex_jax.inference.generate import SamplingConfig, generate
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, lm_loss
 from chatrex_jax.models.clip_vit import CLIPVisionConfig

@@ -15,8 +15,9 @@ import tempfile
 import numpy as np
 from PIL import Image
 
-from chatrex_jax.data import tokenize
 from chatrex_jax.inference import processor as P
+from chatrex_jax.protocol import image as image_protocol
+from chatrex_jax.protocol import templates, tokenize
 from chatrex_jax.tools.equivalence.registry import Fixture, RunResult, register
 
 
@@ -45,7 +46,7 @@ def run_case(fixture: Fixture, case: dict, proc: P.ChatRexProcessor, tmp: pathli
   if chunks is not None and tokenize.split_special_strings(sample.prompt) != chunks:
     raise AssertionError(f"{name}: prompt split on placeholders differs from the official split")
   w, h = img.size_wh
-  padded = P.pad_boxes(P.xyxy_to_xywh(boxes), (w, h))
+  padded = image_protocol.pad_boxes(image_protocol.xyxy_to_xywh(boxes), (w, h))
   nchw = img.nchw()
   return {
       f"{name}_pixel_values_aux": nchw["pixel_values_aux"],
@@ -54,13 +55,13 @@ def run_case(fixture: Fixture, case: dict, proc: P.ChatRexProcessor, tmp: pathli
       f"{name}_prompt_utf8": np.frombuffer(sample.prompt.encode("utf-8"), np.uint8).astype(np.int64),
       f"{name}_debug_square_side": np.array([img.square_side], np.int64),
       f"{name}_debug_boxes_xywh_after_pad": padded,
-      f"{name}_debug_boxes_xywh_after_resize": P.resize_boxes(padded, img.square_side),
+      f"{name}_debug_boxes_xywh_after_resize": image_protocol.resize_boxes(padded, img.square_side),
   }
 
 
 @register("processor_rexseek")
 def run_processor_rexseek(fixture: Fixture) -> RunResult:
-  proc = P.ChatRexProcessor(template=tokenize.QWEN_CHAT)
+  proc = P.ChatRexProcessor(template=templates.QWEN_CHAT)
   outputs: dict[str, np.ndarray] = {}
   notes = []
   with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,7 @@ DECODE_KEYS = ("pred_logits", "pred_boxes", "enc_class_logits", "enc_topk_indice
 @register("msdeform_attn")
 def run_msdeform_attn(fx: Fixture) -> RunResult:
   import jax.numpy as jnp
+
   from chatrex_jax.convert import mapping
   from chatrex_jax.convert.upn import msdeform_attn_rules
   from chatrex_jax.models.upn.deformable import MSDeformAttn

@@ -9,7 +9,7 @@ train, mesh (as every training config).
 """
 import ml_collections
 
-from chatrex_jax.train.sharding import FSDP_RULES
+from chatrex_jax.configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -35,12 +35,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  brief_caption_max_sentences=1),
       proposals=dict(use_stored=False, synthesize=True, min_extra=0, max_extra=8, dedup_iou=0.5,
                      jitter_prob=0.5, jitter_scale=0.3)))
-  c.optim = ml_collections.ConfigDict(dict(
-      lr=3e-3, total_steps=9000, warmup_steps=200, end_lr_ratio=0.1, weight_decay=0.01,
-      b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0))
-  c.train = ml_collections.ConfigDict(dict(
-      seed=0, grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=2,
-      async_checkpointing=False, max_label_tokens=0))
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=1, tensor=1))
-  c.logical_rules = [list(r) for r in FSDP_RULES]
+  c.optim = common.optim(lr=3e-3, total_steps=9000, warmup_steps=200, end_lr_ratio=0.1,
+                         weight_decay=0.01, clip_norm=1.0)
+  c.train = common.train(log_every=50, checkpoint_every=500, keep_checkpoints=2,
+                         async_checkpointing=False, max_label_tokens=0)
+  c.mesh = common.mesh(fsdp=1)
+  c.logical_rules = common.logical_rules()
   return c

@@ -1,6 +1,6 @@
-"""Parsing ChatRex answers: `<ground>phrase</ground><objects><obj3><obj7></objects>` -> boxes.
+"""ChatRex's answer grammar: `<ground>phrase</ground><objects><obj3><obj7></objects>`.
 
-Spec B.10. Two parsers:
+Writing it: `object_tags` and `grounded` (the training targets). Reading it (two parsers):
 
 * `parse_grounded(text, boxes)` - the official visualiser's rule, the default for every ChatRex
   answer the pipeline / `chatrex-jax predict` parse (ChatRex `chatrex/tools/visualize.py`
@@ -40,7 +40,18 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
-from chatrex_jax.data import constants as C
+from chatrex_jax.protocol import tokens as C
+
+
+def object_tags(indices: Sequence[int]) -> str:
+  """`<objects><obj2><obj5></objects>` for sorted input-box indices."""
+  return C.OBJECTS_START + "".join(C.object_token(int(i)) for i in sorted(indices)) + C.OBJECTS_END
+
+
+def grounded(text: str, indices: Sequence[int]) -> str:
+  """`<ground>{text}</ground><objects>...</objects>` (the ChatRex grounded-answer grammar)."""
+  return C.GROUND_START + text + C.GROUND_END + object_tags(indices)
+
 
 GROUP_RE = re.compile(r"<ground>(.*?)</ground><objects>(.*?)</objects>")
 SPACED_GROUP_RE = re.compile(r"<ground> +(.*?) +</ground> *<objects> +(.*?) +</objects>")

@@ -5,8 +5,8 @@
   chatrex-jax demo --config.upn.steps=600 --config.chatrex.stage2.steps=3000
 
 Sections: data (the engine's synthetic scenes), tokenizer, upn (overrides of
-configs/upn_train_tiny.py), proposals (UPN filtering for the MLLM), chatrex (the LLM and the
-three training stages on top of configs/chatrex_tiny.py), eval (held-out protocol, thresholds).
+chatrex_jax/configs/upn_train_tiny.py), proposals (UPN filtering for the MLLM), chatrex (the LLM and the
+three training stages on top of chatrex_jax/configs/chatrex_tiny.py), eval (held-out protocol, thresholds).
 """
 import ml_collections
 

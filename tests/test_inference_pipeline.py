@@ -1,9 +1,9 @@
 """End-to-end inference: an official-layout checkpoint folder -> pipeline -> answer -> parsed boxes."""
+from flax.core import meta
 import jax
 import numpy as np
-import pytest
-from flax.core import meta
 from PIL import Image
+import pytest
 
 from chatrex_jax.convert import chatrex as chatrex_convert
 from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
@@ -54,6 +54,7 @@ def test_batched_run_equals_single_runs(checkpoint):
 
 def test_predict_cli_writes_answer_json_and_png(checkpoint, tmp_path, capsys):
   import json
+
   from chatrex_jax import cli
   img = tmp_path / "in.png"
   _image(3, 90, 60).save(img)
@@ -75,8 +76,9 @@ def test_predict_cli_reports_dropped_boxes(checkpoint, tmp_path):
   """More boxes than the 100 object tags: the highest-scoring 100 are kept, with one warning,
   a note in Prediction.notes and the JSON's box_overflow field."""
   import json
+
   from chatrex_jax.inference import predict
-  from chatrex_jax.inference.processor import BoxOverflowWarning
+  from chatrex_jax.protocol.image import BoxOverflowWarning
   img = tmp_path / "in.png"
   _image(4, 90, 60).save(img)
   rng = np.random.default_rng(0)
@@ -104,8 +106,9 @@ def test_predict_cli_official_demo_questions(checkpoint, tmp_path, monkeypatch):
   """--query as the gradio demo ("dog,cat" -> "dog; cat", "<obj1>,<obj0>"), --raw-question,
   and the UPN prompt per task (coarse for chat, fine otherwise; UPN stubbed)."""
   import json
+
   from chatrex_jax.inference import predict
-  from chatrex_jax.inference.processor import BoxOverflowWarning
+  from chatrex_jax.protocol.image import BoxOverflowWarning
   img = tmp_path / "in.png"
   _image(5, 80, 64).save(img)
   calls = []

@@ -1,8 +1,8 @@
 """ChatRex-7B training, three stages, on either LLM base.
 
-  chatrex-jax train --config configs/chatrex_7b.py:stage1 --workdir gs://bucket/run \
+  chatrex-jax train --config chatrex_jax/configs/chatrex_7b.py:stage1 --workdir gs://bucket/run \
       --config.model.init_from=/ckpt/chatrex_init --config.data.sources='[{"path": "/data/rexverse", "weight": 1.0}]'
-  chatrex-jax train --config configs/chatrex_7b.py:stage3,vicuna --workdir /ckpt/ft \
+  chatrex-jax train --config chatrex_jax/configs/chatrex_7b.py:stage3,vicuna --workdir /ckpt/ft \
       --config.model.init_from=/ckpt/ChatRex-7B --config.data.tokenizer_dir=/ckpt/ChatRex-7B
 
 ARG = STAGE[,BASE]. STAGE: stage1 (alignment: projectors + input/output embeddings), stage2
@@ -14,8 +14,8 @@ alignment, 2e-5 full fine-tuning); the paper does not publish them.
 """
 import ml_collections
 
+from chatrex_jax.configs import common
 from chatrex_jax.data.pipeline import default_data_config
-from chatrex_jax.train.sharding import FSDP_RULES
 
 QWEN25_7B = dict(vocab_size=151769, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                  num_attention_heads=28, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -57,24 +57,9 @@ def get_config(arg: str = "stage2") -> ml_collections.ConfigDict:
   c.data.seq_len = 2048
   c.data.tokenizer_dir = ""
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-3 if stage == "stage1" else 2e-5
-  c.optim.total_steps = 5000
-  c.optim.warmup_steps = 150
-  c.optim.end_lr_ratio = 0.0
-  c.optim.weight_decay = 0.0
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.clip_norm = 1.0
-
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.grad_accum = 1
-  c.train.log_every = 10
-  c.train.checkpoint_every = 500
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpointing = True
-  c.train.peak_flops = ml_collections.config_dict.placeholder(float)
-
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.logical_rules = [list(r) for r in FSDP_RULES]
+  c.optim = common.optim(lr=1e-3 if stage == "stage1" else 2e-5, total_steps=5000,
+                         warmup_steps=150, end_lr_ratio=0.0, weight_decay=0.0, clip_norm=1.0)
+  c.train = common.train(log_every=10, checkpoint_every=500, keep_checkpoints=3)
+  c.mesh = common.mesh()
+  c.logical_rules = common.logical_rules()
   return c

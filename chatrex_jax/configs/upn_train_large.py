@@ -1,6 +1,6 @@
 """UPN-Large training (Swin-L 384 + 5-level deformable DETR, 900 queries) on the shared trainer.
 
-  chatrex-jax train --config configs/upn_train_large.py --workdir gs://bucket/upn \
+  chatrex-jax train --config chatrex_jax/configs/upn_train_large.py --workdir gs://bucket/upn \
       --config.model.init_from=/ckpt/upn_large.pth \
       --config.data.sources='[{"path": "/data/sa1b_engine", "granularity": "fine", "weight": 1.0},
                               {"path": "/data/coco/instances_train2017.json", "format": "coco",
@@ -11,28 +11,17 @@ detector, two prompts, Hungarian matching, focal + L1 + GIoU, aux + encoder loss
 defaults: AdamW lr 1e-4, backbone lr 1e-5, weight decay 1e-4, clip 0.1, the DETR augmentation
 (short side 480-800, max 1333, random crop, flip).
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
+from chatrex_jax.configs import common, upn_large
 from chatrex_jax.data.upn_data import default_upn_data_config
-from chatrex_jax.train.sharding import FSDP_RULES
-
-
-def _model_section(name: str, arg: str | None = None):
-  path = pathlib.Path(__file__).with_name(name)
-  spec = importlib.util.spec_from_file_location(f"_upn_model_{path.stem}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg).model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del arg
   c = ml_collections.ConfigDict()
   c.task = "upn"
-  c.model = _model_section("upn_large.py")
+  c.model = upn_large.get_config().model
   c.model.backbone_dtype = "bfloat16"   # Swin in bf16 on accelerators; the rest fp32
   c.model.init_from = ""
   c.model.freeze = ()
@@ -44,25 +33,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.max_targets = 100
   c.data.num_workers = 8
 
-  c.optim = ml_collections.ConfigDict()
-  c.optim.lr = 1e-4
-  c.optim.lr_backbone = 1e-5
-  c.optim.total_steps = 90000
-  c.optim.warmup_steps = 1000
-  c.optim.end_lr_ratio = 0.1
-  c.optim.weight_decay = 1e-4
-  c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
-  c.optim.clip_norm = 0.1
-
-  c.train = ml_collections.ConfigDict()
-  c.train.seed = 0
-  c.train.grad_accum = 1
-  c.train.log_every = 50
-  c.train.checkpoint_every = 2000
-  c.train.keep_checkpoints = 3
-  c.train.async_checkpointing = True
-  c.train.peak_flops = ml_collections.config_dict.placeholder(float)
-
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
-  c.logical_rules = [list(r) for r in FSDP_RULES]
+  c.optim = common.optim(lr=1e-4, lr_backbone=1e-5, total_steps=90000, warmup_steps=1000,
+                         end_lr_ratio=0.1, weight_decay=1e-4, clip_norm=0.1)
+  c.train = common.train(log_every=50, checkpoint_every=2000, keep_checkpoints=3)
+  c.mesh = common.mesh()
+  c.logical_rules = common.logical_rules()
   return c

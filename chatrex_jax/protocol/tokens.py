@@ -1,6 +1,6 @@
-"""Constants shared by the processor, tokenisation, the model's embedding merge and the parser.
+"""ChatRex's token vocabulary: placeholders, special tokens, label and placeholder ids.
 
-Values follow RexSeek `rexseek/utils/constants.py` (the ChatRex MLLM design, spec B.7).
+Values follow RexSeek `rexseek/utils/constants.py` (the ChatRex MLLM design).
 `<image>` and `<objfeat>` are *placeholders*, not vocabulary tokens: tokenisation maps them to
 the negative ids below, and the model replaces them by image / object embeddings.
 """
@@ -13,7 +13,6 @@ DEFAULT_OBJECT_INDEX = OBJECT_TOKEN_INDEX  # the official name
 DEFAULT_PAD_TOKEN_INDEX = 0
 
 MAX_NUM_OBJECTS = 100
-NUM_IMAGE_TOKENS = 576  # 24 x 24 CLIP-L/14 patches at 336 px (= ConvNeXt-L last stage at 768 px)
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 DEFAULT_OBJECT_FEATURE_TOKEN = "<objfeat>"
@@ -42,10 +41,10 @@ QWEN_IM_START = "<|im_start|>"
 QWEN_IM_END = "<|im_end|>"
 QWEN_ENDOFTEXT = "<|endoftext|>"
 
-# Image preprocessing (openai/clip-vit-large-patch14-336 processor, resized to 768 by
-# RexSeek's `modify_processor_resolution`).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD_COLOUR = tuple(int(m * 255) for m in CLIP_MEAN)  # (122, 116, 104): int() truncates
-AUX_IMAGE_SIZE = 768
-CLIP_IMAGE_SIZE = 336
+# Merge-plan source codes: where each position of the merged sequence takes its embedding from
+# (`data.merge.merge_plan` writes them, `models.merge.merge_embeddings` reads them; the values
+# of the chatrex_forward fixture's merged_token_types).
+SOURCE_PAD = -1
+SOURCE_TEXT = 0
+SOURCE_IMAGE = 1
+SOURCE_OBJECT = 2

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Sequence
 
-from chatrex_jax.data import constants as C
+from chatrex_jax.protocol import tokens as C
 
 REGION_CAPTION_CATEGORY = [
     "What is the category name of [OBJ]? Answer the question with its category name in free format.",
@@ -237,6 +237,10 @@ TASKS: dict[str, dict[str | None, list[str]]] = {
 }
 DEFAULT_GRANULARITY = {"region_caption": "category", "grounded_caption": "brief"}
 TASK_NAMES = tuple(TASKS) + ("chat",)
+# The training task mix (`data.tasks.sample_task`) -> the inference tasks whose prompts it asks.
+TRAINING_TASKS: dict[str, tuple[str, ...]] = {
+    "grounding": ("detect", "refer"), "region": ("region_caption",),
+    "grounded_caption": ("grounded_caption",), "conversation": ("chat",)}
 
 
 def join_objects(objects: str | int | Iterable[str | int]) -> str:
@@ -334,7 +338,7 @@ def object_string(num_objects: int) -> str:
   """`<obj0><objfeat><obj1><objfeat>...<obj{N-1}><objfeat>`; "" for N = 0."""
   if not 0 <= num_objects <= C.MAX_NUM_OBJECTS:
     raise ValueError(f"num_objects={num_objects} outside [0, {C.MAX_NUM_OBJECTS}]")
-  return "".join(f"<obj{i}>{C.DEFAULT_OBJECT_FEATURE_TOKEN}" for i in range(num_objects))
+  return "".join(C.object_token(i) + C.DEFAULT_OBJECT_FEATURE_TOKEN for i in range(num_objects))
 
 
 def build_user_text(question_text: str, num_objects: int) -> str:
