@@ -13,7 +13,7 @@ and the whole Beam DirectRunner pipeline with the synthetic oracle backends (so 
 is ~0 and what remains is Beam + the non-model stages).
 
 There is no PyTorch reference for a data pipeline: `ref_s`/`speedup` are null. The last
-line is one JSON object (DESIGN.md 4.3 keys + `records_per_s_per_core`).
+line is one JSON object (docs/architecture.md "Benchmarks output format" keys + `records_per_s_per_core`).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ the kernel's peak RSS `VmHWM` after resetting it):
   train: forward + backward (mean token cross-entropy) at batch B x T;
   gen1 / gen8: greedy generation of N new tokens at batch 1 and 8 vs HF `generate`
     (no EOS stop, KV cache on both sides), reported in tokens/s.
-Prints one JSON line per measurement; the last line is the train-step summary (DESIGN.md 4.3).
+Prints one JSON line per measurement; the last line is the train-step summary
+(docs/architecture.md "Benchmarks output format").
 """
 from __future__ import annotations
 

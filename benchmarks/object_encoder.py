@@ -24,7 +24,7 @@ Peak memory (memory used on top of the inputs, which both sides hold):
   call); run_only = the peak of the first run of the compiled executable after resetting the
   high-water mark to the current RSS (/proc/self/clear_refs "5", Linux >= 4.0; None elsewhere).
 max_abs_err: max |ours - reference| over all boxes and channels (and / max|reference| in config).
-The last line is one JSON object (DESIGN.md 4.3).
+The last line is one JSON object (docs/architecture.md "Benchmarks output format").
 """
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ extension) is not installable offline, so there is no PyTorch UPN to time end to
 Both sides get identical inputs, run after warm-up, and report the median of several runs;
 peak memory is the resident-set high-water mark above the level before each run (sampled
 every millisecond). Prints one JSON line per case; the last line is the decoder case in the
-DESIGN.md 4.3 format (with the other cases nested under "cases").
+docs/architecture.md "Benchmarks output format" format (with the other cases nested under "cases").
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
   python benchmarks/vision_towers.py            # CLIP ViT-L/14 @336 and ConvNeXt-L @768, batch 1 and 4
   python benchmarks/vision_towers.py --quick    # small configs (smoke test, ~1 min)
 
-Cases (spec B.3/B.4):
+Cases (docs/architecture.md B.3/B.4):
 * clip: transformers `CLIPVisionModel` (ViT-L/14-336 config) run as RexSeek's `CLIPVisionTower`
   does: `output_hidden_states=True`, `hidden_states[-2][:, 1:]` (all 24 layers run). Ours:
   `CLIPVisionTower(select_layer=-2)`, which runs only the 23 layers the features need
@@ -26,8 +26,8 @@ weights and input. `ours_xla_temp_mb` (per case) is XLA's own buffer plan
 max_abs_err: max |ours - torch| over the compared outputs; per case also relative to the
 output scale (max |torch|).
 The CPU is shared with other work, so numbers are indicative. The last line is one JSON object
-(DESIGN.md 4.3) aggregating the cases (sums of median times, max of peaks and errors), with the
-per-case numbers under "cases".
+(docs/architecture.md "Benchmarks output format") aggregating the cases (sums of median times,
+max of peaks and errors), with the per-case numbers under "cases".
 """
 from __future__ import annotations
 

@@ -59,7 +59,7 @@ def max_errors(got, want) -> tuple[float, float]:
 
 
 def assert_close_to_scale(got, want, rel: float, what: str = "output") -> float:
-  """Asserts max|got - want| <= rel * max|want| (DESIGN.md's 'of output scale')."""
+  """Asserts max|got - want| <= rel * max|want| ('of output scale' in docs/architecture.md "Numeric tolerances")."""
   abs_err, rel_err = max_errors(got, want)
   if not rel_err <= rel:
     raise AssertionError(f"{what}: max abs {abs_err:.3g} = {rel_err:.3g} of scale > {rel:g}")

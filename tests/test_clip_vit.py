@@ -25,7 +25,7 @@ from chatrex_jax.convert import clip as clip_convert
 from chatrex_jax.convert import mapping
 from chatrex_jax.models import clip_vit
 
-TOL = 1e-5  # DESIGN.md: fp32 blocks, max abs <= 1e-5 of output scale
+TOL = 1e-5  # docs/architecture.md "Numeric tolerances": fp32 blocks, max abs <= 1e-5 of output scale
 
 HF_KW = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
              image_size=28, patch_size=7, num_channels=3, hidden_act="quick_gelu",

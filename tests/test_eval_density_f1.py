@@ -1,4 +1,4 @@
-"""RexSeek precision / recall / DensityF1: the code's definition (spec D) on hand cases."""
+"""RexSeek precision / recall / DensityF1: the code's definition (docs/architecture.md D) on hand cases."""
 import numpy as np
 from pycocotools import mask as mask_utils
 import pytest

@@ -19,7 +19,7 @@ from chatrex_jax.models import object_encoder as oe
 from chatrex_jax.ops import position
 from chatrex_jax.tools.equivalence import object_encoder as ref
 
-TOL = 1e-5  # DESIGN.md: max abs error <= 1e-5 of the output scale
+TOL = 1e-5  # docs/architecture.md "Numeric tolerances": max abs error <= 1e-5 of the output scale
 
 
 def _maps(rng, batch, sizes, channels):

@@ -60,7 +60,7 @@ def official_eval(text, boxes):
 
 
 # ------------------------------------------------------------------------------------------
-# examples from the spec (B.10)
+# examples from docs/architecture.md (B.10)
 
 
 def test_detection_answer():

@@ -14,7 +14,7 @@ import torchvision
 from chatrex_jax import testing
 from chatrex_jax.ops import roi_align as ra
 
-TOL = 1e-5  # DESIGN.md: fp32 ops, max abs error <= 1e-5 of the output scale
+TOL = 1e-5  # docs/architecture.md "Numeric tolerances": fp32 ops, max abs error <= 1e-5 of the output scale
 
 
 def _boxes(height: int, width: int, scale: float, rng: np.random.Generator) -> np.ndarray:

@@ -4,7 +4,7 @@ Tokenizers are real byte-level BPEs trained offline by `chatrex_jax.data.tiny_to
 loaded back with `AutoTokenizer.from_pretrained(dir)`; no hub access.
 The merge plan is checked against (a) the official merge computed by RexSeek's
 `prepare_inputs_labels_for_multimodal` (golden `chatrex_forward`: merged labels, attention mask,
-token types and the merged input embeddings) and (b) a loop-based reference of spec B.8 on
+token types and the merged input embeddings) and (b) a loop-based reference of docs/architecture.md B.8 on
 random sequences (hypothesis).
 """
 from __future__ import annotations
@@ -189,11 +189,11 @@ def test_merge_plan_matches_official_merge(golden_dir):
 
 
 # ------------------------------------------------------------------------------------------
-# merge plan vs a loop reference of spec B.8
+# merge plan vs a loop reference of docs/architecture.md B.8
 
 
 def reference_merge(ids_list, labels_list, n_img_tok, img_feats, obj_feats, embed):
-  """Spec B.8 with Python loops: returns (embeds list, labels list) per sample, unpadded."""
+  """docs/architecture.md B.8 with Python loops: returns (embeds list, labels list) per sample, unpadded."""
   embs, labs = [], []
   for b, (ids, lab) in enumerate(zip(ids_list, labels_list)):
     e, l, j = [], [], 0

@@ -18,7 +18,7 @@ import torchvision
 from chatrex_jax import testing
 from chatrex_jax.train import matching, upn_losses
 
-TOL = 1e-5  # DESIGN.md: fp32 ops, max abs error <= 1e-5 of the output scale
+TOL = 1e-5  # docs/architecture.md "Numeric tolerances": fp32 ops, max abs error <= 1e-5 of the output scale
 XYXY = functools.partial(torchvision.ops.box_convert, in_fmt="cxcywh", out_fmt="xyxy")
 
 

@@ -1,7 +1,7 @@
 """ChatRex / RexSeek MLLM checkpoints <-> `chatrex_jax.models.chatrex.ChatRex` parameters.
 
 One key map for the whole model, composed of the family maps (LLM, CLIP, ConvNeXt,
-projectors). Two layouts are recognised from the checkpoint's keys (spec B.1, E.2):
+projectors). Two layouts are recognised from the checkpoint's keys (docs/architecture.md B.1, E.2):
 
 * "rexseek": multimodal modules at the top level (`vision_tower.*`, `vision_tower_aux.*`,
   `mm_projector.*`, `mm_object_projector.*`) beside the LLM's `model.*` / `lm_head.*`;

@@ -209,7 +209,7 @@ NEW_TOKEN_INITS = ("mean", "sampled")
 
 def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
                  num_new_tokens: int, *, init: str = "mean", seed: int = 0) -> tuple[dict, LLMConfig]:
-  """ChatRex's vocabulary extension (spec B.7), on a Flax tree.
+  """ChatRex's vocabulary extension (docs/architecture.md B.7), on a Flax tree.
 
   Mirrors `resize_token_embeddings(len(tokenizer))` followed by setting the last
   `num_new_tokens` input and output rows (each matrix separately) to

@@ -1,4 +1,4 @@
-"""UPN checkpoint conversion: official `upn_large.pth` layout (spec A.11) <-> Flax params.
+"""UPN checkpoint conversion: official `upn_large.pth` layout (docs/architecture.md A.11) <-> Flax params.
 
 * The shared box MLP appears in the torch state dict under 2 * dec_layers names
   (`bbox_embed.{i}` and `transformer.decoder.bbox_embed.{i}`): one Flax copy, the others are

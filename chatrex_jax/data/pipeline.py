@@ -1,4 +1,5 @@
-"""The ChatRex training input pipeline on Grain (issue 8; DESIGN.md 4.4, spec B.7, B.8, B.11).
+"""The ChatRex training input pipeline on Grain (docs/architecture.md B.7, B.8, B.11 and
+"Engine records contract").
 
     cfg = default_data_config()                      # the `data` section of a train config
     cfg.sources = [{"path": "/data/rexverse", "weight": 3.0}, {"path": "/data/conv", "weight": 1.0}]
@@ -245,7 +246,7 @@ def _tokenizer_and_template(tokenizer_dir: str, template_name: str):
   missing = [t for t in C.SPECIAL_TOKENS if t not in tok.get_vocab()]
   if missing:
     raise ValueError(f"tokenizer {tokenizer_dir} lacks {len(missing)} ChatRex tokens (first "
-                     f"{missing[0]!r}); add them (spec B.7) before training")
+                     f"{missing[0]!r}); add them (docs/architecture.md B.7) before training")
   template = (templates.get_template(template_name) if template_name
               else templates.detect_template(tok))
   return tok, template

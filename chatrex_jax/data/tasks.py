@@ -1,4 +1,4 @@
-"""Training-task sampling for one engine record (issue 8; spec B.7, B.10, C).
+"""Training-task sampling for one engine record (issue 8; docs/architecture.md B.7, B.10, C).
 
 `sample_task(record, rng, config)` turns one engine record (`chatrex_jax/data/schema.py`) into a
 `TaskSample`: the chat turns (user question with the official prompt paraphrase, assistant answer in
@@ -9,17 +9,17 @@ Tasks (names are the keys of `config.tasks.weights`):
 * ``grounding``: [OBJ] = one or more categories ("circle; square"), one short phrase or one
   referring expression -> every region with that name. Answer, one line per query:
   ``<ground>circle</ground><objects><obj2><obj5></objects>`` (indices ascending, lines joined by
-  "\\n", spec B.10 "Detection"). Prompt: `prompts.GROUNDING` (21 variants).
+  "\\n", docs/architecture.md B.10 "Detection"). Prompt: `prompts.GROUNDING` (21 variants).
 * ``region``: [OBJ] = ``<objK>`` of one (or a few) regions -> the region's category / short
   phrase / brief (referring expression) / one-sentence (detailed description) text. Answer
-  ``<ground>{text}</ground><objects><objK></objects>`` (spec B.10 "Region caption"), one line per
+  ``<ground>{text}</ground><objects><objK></objects>`` (docs/architecture.md B.10 "Region caption"), one line per
   region. Prompts: the four `prompts.REGION_CAPTION_*` lists.
 * ``grounded_caption``: the image caption with every region phrase found in it tagged inline:
-  ``A <ground>large red circle</ground><objects><obj3></objects> and ...`` (spec B.10 "Grounded
+  ``A <ground>large red circle</ground><objects><obj3></objects> and ...`` (docs/architecture.md B.10 "Grounded
   caption"). Prompt: brief (one sentence) or detailed `prompts.GROUNDED_CAPTION_*` by caption length.
 * ``conversation``: the record's grounded conversation; each grounded span of an assistant turn
   becomes ``<ground>span</ground><objects>...</objects>``; every user turn is prefixed with
-  `prompts.GROUNDED_CONVERSATION_PREFIX` (spec C).
+  `prompts.GROUNDED_CONVERSATION_PREFIX` (docs/architecture.md C).
 
 Input boxes (`build_input_boxes`): every ground-truth region box (capped so at most `max_objects`
 boxes are given; regions the answer needs are always kept) mixed with extra negatives: the record's

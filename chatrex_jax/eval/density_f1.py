@@ -1,4 +1,4 @@
-"""RexSeek / HumanRef metrics: precision, recall and DensityF1 (spec D).
+"""RexSeek / HumanRef metrics: precision, recall and DensityF1 (docs/architecture.md D).
 
 Re-implements the *code* of RexSeek `evaluation/recall_precision_densityf1.py`:
 

@@ -1,7 +1,7 @@
 """Detection prompts for large category lists (LVIS: 1,203 names) and merging their answers.
 
 ChatRex detects several categories with one question, "Please detect cat; dog in this image.
-Answer the question with object indexes." (spec C, the "; "-joined [OBJ]). A long list does not
+Answer the question with object indexes." (docs/architecture.md C, the "; "-joined [OBJ]). A long list does not
 fit one prompt, so `chunk_categories` packs the names, in order, into as few chunks as fit a
 budget, measured on the whole question string: `max_chars` characters and/or `max_tokens`
 tokens of a tokenizer (`len(tokenizer.encode(question, add_special_tokens=False))`). Every

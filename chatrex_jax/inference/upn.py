@@ -1,6 +1,6 @@
 """UPN inference: official preprocessing, batched jitted forward, post-processing and filtering.
 
-Mirrors `UPNWrapper` of the official repo (spec A.1, A.10) with two deliberate differences:
+Mirrors `UPNWrapper` of the official repo (docs/architecture.md A.1, A.10) with two deliberate differences:
 * images are converted to RGB first (the wrapper does not, which breaks on L/RGBA/P images);
 * `filter` returns a result for every image (the official loop returns early at the first
   image that keeps no box, dropping it and every later image).
@@ -11,7 +11,7 @@ deformable transformer honours the mask, but Swin does not: its window attention
 PatchMerging see the zero padding as ordinary tokens, GroupNorm statistics include padded
 pixels, and the level-4 conv reads across the border. A padded image therefore gets slightly
 different proposals than the same image run alone (the official code has the same property;
-spec E.7). For parity with single-image runs, call with one image at a time (each new
+docs/architecture.md E.7). For parity with single-image runs, call with one image at a time (each new
 size compiles once). The forward is jitted per (batch shape, prompt types).
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The ChatRex MLLM: two vision towers, object tokens and a Qwen2/LLaMA decoder (spec part B).
+"""The ChatRex MLLM: two vision towers, object tokens and a Qwen2/LLaMA decoder (docs/architecture.md part B).
 
 A thin wrapper with named steps, PaliGemma-style:
 
@@ -44,7 +44,7 @@ class ChatRexConfig:
   aux_image_size: int = I.AUX_IMAGE_SIZE  # boxes live in this frame
   roi_output_size: int = 7
   add_pos_embedding: bool = True
-  # Training switches (spec B.11): the released ConvNeXt runs under no_grad.
+  # Training switches (docs/architecture.md B.11): the released ConvNeXt runs under no_grad.
   train_vision_tower: bool = True
   train_vision_tower_aux: bool = False
 

@@ -1,6 +1,6 @@
 """CLIP vision tower (HF `CLIPVisionModel` computation) as Flax Linen modules.
 
-The low-resolution tower of ChatRex (spec B.3): CLIP ViT-L/14 at 336 px, whose features are
+The low-resolution tower of ChatRex (docs/architecture.md B.3): CLIP ViT-L/14 at 336 px, whose features are
 `hidden_states[mm_vision_select_layer]` (default -2), CLS dropped ("patch") -> [B, 576, 1024].
 
 Computation (identical to transformers' `CLIPVisionTransformer`):

@@ -1,6 +1,6 @@
 """ConvNeXt tower (stem + 4 stages, every stage map returned) as Flax Linen modules.
 
-The high-resolution tower of ChatRex (spec B.4): the trunk of open_clip `convnext_large_d_320`
+The high-resolution tower of ChatRex (docs/architecture.md B.4): the trunk of open_clip `convnext_large_d_320`
 (= timm `convnext_large`), depths [3, 3, 27, 3], dims [192, 384, 768, 1536], at 768 px.
 
   stem:    Conv k4 s4 (bias) -> LayerNorm over channels (eps 1e-6)

@@ -1,4 +1,4 @@
-"""Object tokens: fused multi-level RoI features + sine box embedding (spec B.6).
+"""Object tokens: fused multi-level RoI features + sine box embedding (docs/architecture.md B.6).
 
 The official `MultiLevelROIVisualPrompt` (RexSeek) bilinearly resizes ConvNeXt levels 1..3 to the
 level-0 size (`F.interpolate`, align_corners=False), concatenates them on channels

@@ -1,4 +1,4 @@
-"""The `mlp2x_gelu` projector and the image-token fusion of the two vision towers (spec B.1, B.5).
+"""The `mlp2x_gelu` projector and the image-token fusion of the two vision towers (docs/architecture.md B.1, B.5).
 
   MLP2xGELU:  Linear(in -> H) -> GELU (exact, erf) -> Linear(H -> H)
               used for `mm_projector` (in = CLIP width + last ConvNeXt width = 2560) and

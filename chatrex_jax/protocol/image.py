@@ -17,7 +17,7 @@ Steps:
 4. `pixel_values` = bilinear resize of the *normalised* 768 tensor to 336, `align_corners=False`,
    no antialias, with PyTorch's CPU index arithmetic reproduced in float32
    (`torch_bilinear_resize`, bit-identical to torch on x86; not `jax.image.resize`, which
-   differs by ~3e-4, spec F).
+   differs by ~3e-4, docs/architecture.md F).
 5. Boxes (xyxy, original pixels) -> xywh (float64) -> float32 + pad offset -> * 768 / S ->
    xyxy (float32), exactly the official operation order. Boxes are not clipped.
 

@@ -1,4 +1,4 @@
-"""ChatRex task prompts (spec C) and the user-text builder (spec B.7).
+"""ChatRex task prompts (docs/architecture.md C) and the user-text builder (docs/architecture.md B.7).
 
 The template lists are ChatRex `chatrex/tools/prompt_templates.py` as it stands at the
 repository's HEAD (b98028c; the file last changed in 40e6401): every variant, in the official

@@ -33,7 +33,7 @@ def object_token(i: int) -> str:
 
 
 OBJECT_TOKENS = tuple(f"<obj{i}>" for i in range(MAX_NUM_OBJECTS))
-# Added to the LLM vocabulary as special tokens, in this order (104 tokens, spec B.7).
+# Added to the LLM vocabulary as special tokens, in this order (104 tokens, docs/architecture.md B.7).
 SPECIAL_TOKENS = OBJECT_TOKENS + (GROUND_START, GROUND_END, OBJECTS_START, OBJECTS_END)
 
 # Qwen2 chat special tokens (not added by ChatRex; part of the Qwen vocabulary).

@@ -1,4 +1,4 @@
-"""The ChatRex MLLM as a `TrainTask` of the shared trainer (three stages, spec B.11)."""
+"""The ChatRex MLLM as a `TrainTask` of the shared trainer (three stages, docs/architecture.md B.11)."""
 from __future__ import annotations
 
 import dataclasses

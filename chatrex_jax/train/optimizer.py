@@ -3,7 +3,7 @@
 Frozen parameters live in a separate subtree of the train state: the loss is differentiated
 only with respect to the trainable subtree (XLA computes no weight gradient for the rest),
 and the optimizer is built on the trainable subtree alone, so frozen weights carry no
-optimizer state at all (spec B.11 stage 1: only the projectors and embeddings train).
+optimizer state at all (docs/architecture.md B.11 stage 1: only the projectors and embeddings train).
 """
 from __future__ import annotations
 

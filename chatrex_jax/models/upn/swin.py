@@ -1,6 +1,6 @@
 """Swin Transformer backbone as used by UPN (the detection variant of Swin, NHWC inside).
 
-Matches `SwinTransformer` of Swin-Transformer-Object-Detection / DINO / UPN (spec A.2):
+Matches `SwinTransformer` of Swin-Transformer-Object-Detection / DINO / UPN (docs/architecture.md A.2):
 * PatchEmbed: zero-pad right/bottom to a multiple of the patch size, Conv k=s=patch, LayerNorm.
 * Blocks alternate shift 0 / window//2. Inside a block, after LN1 the map is zero-padded to
   window multiples; the padded tokens are NOT masked as keys (as in the official code), so a

@@ -1,4 +1,4 @@
-"""UPN's deformable transformer: encoder, two-stage query selection, decoder (spec A.6-A.8).
+"""UPN's deformable transformer: encoder, two-stage query selection, decoder (docs/architecture.md A.6-A.8).
 
 Shapes: B batch, S flattened tokens of all levels, L levels, Q queries, D model width.
 Everything is batch-first (the official decoder is sequence-first; the maths is the same).
@@ -57,7 +57,7 @@ def encoder_reference_points(spatial_shapes: SpatialShapes, valid_ratios: jnp.nd
 
 def encoder_output_proposals(memory: jnp.ndarray, padding_mask: jnp.ndarray,
                              spatial_shapes: SpatialShapes):
-  """DINO's gen_encoder_output_proposals (spec A.7 step 1).
+  """DINO's gen_encoder_output_proposals (docs/architecture.md A.7 step 1).
 
   memory [B, S, D], padding_mask [B, S] bool (True = padding).
   returns (output_memory [B, S, D] zeroed where padded/invalid,
@@ -175,7 +175,7 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """Deformable decoder with iterative box refinement (spec A.8).
+  """Deformable decoder with iterative box refinement (docs/architecture.md A.8).
 
   `bbox_embed` is the shared box MLP, passed in (owned by the UPN module).
   Returns (hs [layers, B, Q, D] after the shared `norm`,

@@ -1,6 +1,6 @@
 """UPN (Universal Proposal Network): Swin + 5-level deformable DETR with fine/coarse prompts.
 
-Forward (spec A.2-A.9), B batch, S tokens of all levels, Q queries, D model width:
+Forward (docs/architecture.md A.2-A.9), B batch, S tokens of all levels, Q queries, D model width:
   images [B, H, W, 3] NHWC, ImageNet-normalised; mask [B, H, W] bool, True on padding
   -> Swin stage maps (strides 4..32) -> input_proj (1x1 conv + GroupNorm(32)) for levels 0-3,
      a 3x3/stride-2 conv + GroupNorm on the raw stage-3 map for level 4

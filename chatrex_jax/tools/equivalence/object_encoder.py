@@ -1,4 +1,4 @@
-"""Golden runners: torchvision `roi_align` and RexSeek `MultiLevelROIVisualPrompt` (spec B.6).
+"""Golden runners: torchvision `roi_align` and RexSeek `MultiLevelROIVisualPrompt` (docs/architecture.md B.6).
 
 Fixtures are NCHW (torch); the project is NHWC, so maps are transposed on the way in and the
 RoI outputs [K, Ph, Pw, C] back to [K, C, Ph, Pw]. Neither component has parameters (no weights
