@@ -6,14 +6,12 @@ row order restored); transformers reads the same file through its own GGUF loade
 independent path to the same dequantised weights. Both must then be the same network.
 
 Tolerances. fp32 whole-model logits on tiny models meet max abs <= 1e-4 (docs/architecture.md
-"Numeric tolerances"); a real 30-layer model carries residual activations of ~2.5e4 (the
-attention-sink outlier), where one fp32 ulp is ~2e-3, so two correct fp32 programs differ by ~1e-4 in logits of scale ~40. The test
-therefore proves exactness in float64 - our model run with x64 against a plain numpy float64
-LLaMA forward over the weights transformers itself dequantised (<= 1e-9) - and holds fp32
-against transformers at the op/block bound of docs/architecture.md "Numeric tolerances" (max abs
-<= 1e-5 of the logit scale), with
-the KL divergence and the argmax of every position.
-"""
+"Numeric tolerances"); a real 30-layer model carries residual activations of ~2.5e4 (the attention-
+sink outlier), where one fp32 ulp is ~2e-3, so two correct fp32 programs differ by ~1e-4 in logits
+of scale ~40. The test therefore proves exactness in float64 - our model run with x64 against a
+plain numpy float64 LLaMA forward over the weights transformers itself dequantised (<= 1e-9) - and
+holds fp32 against transformers at the op/block bound of docs/architecture.md "Numeric tolerances"
+(max abs <= 1e-5 of the logit scale), with the KL divergence and the argmax of every position. """
 from __future__ import annotations
 
 import dataclasses
