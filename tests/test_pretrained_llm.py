@@ -11,7 +11,8 @@ sink outlier), where one fp32 ulp is ~2e-3, so two correct fp32 programs differ 
 of scale ~40. The test therefore proves exactness in float64 - our model run with x64 against a
 plain numpy float64 LLaMA forward over the weights transformers itself dequantised (<= 1e-9) - and
 holds fp32 against transformers at the op/block bound of docs/architecture.md "Numeric tolerances"
-(max abs <= 1e-5 of the logit scale), with the KL divergence and the argmax of every position. """
+(max abs <= 1e-5 of the logit scale), with the KL divergence and the argmax of every position.
+"""
 from __future__ import annotations
 
 import dataclasses
