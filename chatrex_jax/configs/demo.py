@@ -67,8 +67,10 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   # on perception (grounding, region understanding); stage 3 adds captions and conversations.
   perception = {"grounding": 2.0, "region": 2.0, "grounded_caption": 0.0, "conversation": 0.0}
   joint = {"grounding": 2.0, "region": 2.0, "grounded_caption": 0.5, "conversation": 0.5}
-  towers = ("mm_projector/*", "mm_object_projector/*", "llm/embed_tokens/*", "llm/lm_head/*",
-            "vision_tower/*", "vision_tower_aux/*")
+  # The tiny LLM already knows ChatRex's tokens, and its embeddings are the space the object
+  # projector learns to write into, so they stay frozen (an LLM that gets the 104 tokens added,
+  # llm.source="gguf", also trains "llm/embed_tokens/*" and "llm/lm_head/*" here).
+  towers = ("mm_projector/*", "mm_object_projector/*", "vision_tower/*", "vision_tower_aux/*")
   c.chatrex.stage1 = _stage(3 if quick else 300, 2e-3, perception, towers)
   c.chatrex.stage2 = _stage(3 if quick else 900, 1e-3, perception)
   c.chatrex.stage3 = _stage(3 if quick else 200, 5e-4, joint)

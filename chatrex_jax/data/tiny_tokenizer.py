@@ -38,8 +38,13 @@ FAMILY_SPECIALS = {
 
 def build_tiny_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = DEFAULT_TEXTS, *,
                          family: Literal["qwen", "llama"] = "qwen", vocab_size: int = 400,
-                         min_frequency: int = 1, add_chatrex_tokens: bool = True):
+                         min_frequency: int = 1, add_chatrex_tokens: bool = True,
+                         isolate_spaces: bool = False):
   """Trains, saves and reloads a tiny tokenizer; returns the loaded HF tokenizer.
+
+  isolate_spaces: every space is a token of its own ("Find the shoe" -> Find, " ", the, " ",
+  shoe), so a word is the same token after a space and after `<ground>`; the GPT-2 rule (the
+  default) makes " shoe" and "shoe" two unrelated tokens, a mapping a tiny model must learn.
 
   vocab_size counts the 256 byte symbols + merges (+ the family specials); the ChatRex tokens
   are appended after it (ids vocab_size .. vocab_size + 103, as the official resize appends).
@@ -51,7 +56,9 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, texts: Iterable[str] = DEFA
     raise ValueError(f"family must be one of {sorted(FAMILY_SPECIALS)}, got {family!r}")
   spec = FAMILY_SPECIALS[family]
   tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.pre_tokenizer = (pre_tokenizers.Sequence([
+      pre_tokenizers.Split(" ", behavior="isolated"), byte_level]) if isolate_spaces else byte_level)
   tok.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                 special_tokens=list(spec["specials"]), show_progress=False,

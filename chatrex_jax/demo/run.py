@@ -250,6 +250,8 @@ def chatrex_stage_config(cfg, paths: Paths, stage: int):
   c.data.tasks.update(cfg.chatrex.tasks.to_dict())
   c.data.tasks.weights = dict(s.task_weights)
   c.train.trainable_patterns = list(s.trainable)
+  if stage == 1 and s.trainable and cfg.llm.source != "tiny":   # the added token rows learn
+    c.train.trainable_patterns += ["llm/embed_tokens/*", "llm/lm_head/*"]
   c.optim.lr, c.optim.total_steps, c.optim.warmup_steps = s.lr, s.steps, s.warmup_steps
   c.train.checkpoint_every = max(1, s.steps // 2)
   c.train.log_every = 10
