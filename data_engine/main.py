@@ -1,7 +1,7 @@
 """`chatrex-jax data-engine` / `python -m data_engine`.
 
-    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_synthetic.py:200 --output /tmp/scenes
-    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_hf.py:/models --output /data/rv \\
+    chatrex-jax data-engine --config data_engine_synthetic:200 --output /tmp/scenes
+    chatrex-jax data-engine --config data_engine_hf:/models --output /data/rv \\
         --config.batch_size=16 --runner DataflowRunner -- --project=... --region=...
 
 Rerunning the same command resumes: finished shards are kept, the rest are redone.

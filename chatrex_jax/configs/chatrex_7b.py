@@ -1,8 +1,8 @@
 """ChatRex-7B training, three stages, on either LLM base.
 
-  chatrex-jax train --config chatrex_jax/configs/chatrex_7b.py:stage1 --workdir gs://bucket/run \
+  chatrex-jax train --config chatrex_7b:stage1 --workdir gs://bucket/run \
       --config.model.init_from=/ckpt/chatrex_init --config.data.sources='[{"path": "/data/rexverse", "weight": 1.0}]'
-  chatrex-jax train --config chatrex_jax/configs/chatrex_7b.py:stage3,vicuna --workdir /ckpt/ft \
+  chatrex-jax train --config chatrex_7b:stage3,vicuna --workdir /ckpt/ft \
       --config.model.init_from=/ckpt/ChatRex-7B --config.data.tokenizer_dir=/ckpt/ChatRex-7B
 
 ARG = STAGE[,BASE]. STAGE: stage1 (alignment: projectors + input/output embeddings), stage2

@@ -1,6 +1,6 @@
 """A tiny ChatRex (same structure as 7B) for tests, the demo and CPU smoke runs.
 
-  chatrex-jax train --config chatrex_jax/configs/chatrex_tiny.py:stage1 --workdir /tmp/run \
+  chatrex-jax train --config chatrex_tiny:stage1 --workdir /tmp/run \
       --config.data.sources='[{"path": "/tmp/engine_out", "weight": 1.0}]' \
       --config.data.tokenizer_dir=/tmp/tok
 """

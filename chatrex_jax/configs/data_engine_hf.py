@@ -1,6 +1,6 @@
 """Data engine on REAL images with transformers backends loaded from local directories.
 
-    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_hf.py:/models --output /data/rexverse \
+    chatrex-jax data-engine --config data_engine_hf:/models --output /data/rexverse \
         --config.sources="[{'kind': 'folder', 'name': 'my_images', 'path': '/data/images'}]"
 
 ARG: the directory holding the three model folders (default ./models):

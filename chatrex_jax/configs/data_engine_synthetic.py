@@ -1,6 +1,6 @@
 """Data engine on SYNTHETIC SCENES with oracle backends (tests, demo; not real data).
 
-    chatrex-jax data-engine --config chatrex_jax/configs/data_engine_synthetic.py:200 --output /tmp/scenes
+    chatrex-jax data-engine --config data_engine_synthetic:200 --output /tmp/scenes
 
 ARG: "N" or "N,IMAGE_SIZE" or "N,IMAGE_SIZE,SEED" (default 64 images of 128 px, seed 0).
 """

@@ -1,6 +1,6 @@
 """UPN-Large training (Swin-L 384 + 5-level deformable DETR, 900 queries) on the shared trainer.
 
-  chatrex-jax train --config chatrex_jax/configs/upn_train_large.py --workdir gs://bucket/upn \
+  chatrex-jax train --config upn_train_large --workdir gs://bucket/upn \
       --config.model.init_from=/ckpt/upn_large.pth \
       --config.data.sources='[{"path": "/data/sa1b_engine", "granularity": "fine", "weight": 1.0},
                               {"path": "/data/coco/instances_train2017.json", "format": "coco",

@@ -1,6 +1,6 @@
 """Tiny UPN training on the shared trainer (tests, demos; the model of chatrex_jax/configs/upn_tiny.py).
 
-  chatrex-jax train --config chatrex_jax/configs/upn_train_tiny.py --workdir /tmp/upn_tiny \
+  chatrex-jax train --config upn_train_tiny --workdir /tmp/upn_tiny \
       --config.data.sources='[{"path": "/data/synthetic_engine", "granularity": "both"}]'
 
 get_config("d32") takes the d_model 32 variant of chatrex_jax/configs/upn_tiny.py. The canvas is small

@@ -1,7 +1,7 @@
 """Proposal export: run a UPN over an engine dataset and write records that carry `proposals`.
 
     python -m chatrex_jax.inference.upn_export --input /data/rexverse --output /data/rexverse_upn \
-        --params /runs/upn_tiny --config chatrex_jax/configs/upn_train_tiny.py --prompt fine
+        --params /runs/upn_tiny --config upn_train_tiny --prompt fine
 
 `--params` is a training workdir of `chatrex-jax train` (the latest Orbax checkpoint's
 trainable + frozen parameters) or an official UPN checkpoint file (.pth / .safetensors, the
