@@ -165,11 +165,26 @@ def build_initial_model(cfg, paths: Paths):
   no_layers = dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_hidden_layers=0))
   params = jax.jit(lambda r: init_params(no_layers, r)["params"])(jax.random.key(cfg.llm.seed))
   params = dict(flax_meta.unbox(jax.device_get(params)), llm=llm_params)
+  params = _match_projectors(config, params, paths)
   tmp = paths.init.with_name(paths.init.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)
   chatrex_convert.save_checkpoint(params, config, tmp, tokenizer=tokenizer)
   tmp.rename(paths.init)   # complete or absent, never half-written
   return tokenizer
+
+
+def _match_projectors(config, params, paths: Paths, num_scenes: int = 16):
+  """`match_projectors_to_embeddings` on the first training scenes with their object boxes."""
+  import numpy as np
+  from chatrex_jax.demo.evaluate import load_scenes
+  from chatrex_jax.inference.processor import ChatRexProcessor, batch_images
+  from chatrex_jax.models.chatrex import match_projectors_to_embeddings
+  proc = ChatRexProcessor(aux_size=config.aux_image_size, clip_size=config.clip.image_size)
+  images = [proc.preprocess_image(np.asarray(s.image), np.concatenate([s.coarse, s.fine]))
+            for s in load_scenes(str(paths.train), limit=num_scenes)]
+  b = batch_images(images, max(im.boxes.shape[0] for im in images))
+  return match_projectors_to_embeddings(config, params, b["pixel_values"], b["pixel_values_aux"],
+                                        b["boxes"], b["box_mask"])
 
 
 def _train(config, task, workdir: pathlib.Path, progress: bool):
