@@ -176,9 +176,11 @@ def build_initial_model(cfg, paths: Paths):
 def _match_projectors(config, params, paths: Paths, num_scenes: int = 16):
   """`match_projectors_to_embeddings` on the first training scenes with their object boxes."""
   import numpy as np
+
   from chatrex_jax.demo.evaluate import load_scenes
-  from chatrex_jax.inference.processor import ChatRexProcessor, batch_images
+  from chatrex_jax.inference.processor import ChatRexProcessor
   from chatrex_jax.models.chatrex import match_projectors_to_embeddings
+  from chatrex_jax.protocol.image import batch_images
   proc = ChatRexProcessor(aux_size=config.aux_image_size, clip_size=config.clip.image_size)
   images = [proc.preprocess_image(np.asarray(s.image), np.concatenate([s.coarse, s.fine]))
             for s in load_scenes(str(paths.train), limit=num_scenes)]
