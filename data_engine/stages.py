@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from chatrex_jax.data import schema
+from chatrex_jax.ops import boxes as box_ops
 from data_engine import filters as filters_lib
 from data_engine import sources
 
@@ -252,21 +253,6 @@ def stage_phrases(items: Sequence[dict], extractor) -> None:
 
 
 # ---------------------------------------------------------------------------- ground
-def _area(b) -> float:
-  return max(0.0, b[2] - b[0]) * max(0.0, b[3] - b[1])
-
-
-def _inter(a, b) -> float:
-  return (max(0.0, min(a[2], b[2]) - max(a[0], b[0])) *
-          max(0.0, min(a[3], b[3]) - max(a[1], b[1])))
-
-
-def _iou(a, b) -> float:
-  i = _inter(a, b)
-  u = _area(a) + _area(b) - i
-  return i / u if u > 0 else 0.0
-
-
 def stage_ground(items: Sequence[dict], grounder, cfg: dict, timeout_s=None) -> None:
   """Ground every phrase; de-duplicate boxes across phrases; mark parts as `fine`.
 
@@ -310,19 +296,24 @@ def stage_ground(items: Sequence[dict], grounder, cfg: dict, timeout_s=None) -> 
         cands.append({"box": [x1, y1, x2, y2], "score": min(1.0, max(0.0, score)),
                       "phrase": p["text"], "category": p["category"]})
     cands.sort(key=lambda r: (-r["score"], -len(r["phrase"]), r["phrase"], r["box"]))
-    kept: list[dict] = []
-    for c in cands:
-      if any(_iou(c["box"], k["box"]) >= dedupe_iou for k in kept):
+    # float64 on the python-float boxes: the same numbers as scalar python arithmetic.
+    boxes = np.asarray([c["box"] for c in cands], np.float64).reshape(-1, 4)
+    iou = box_ops.pairwise_iou(boxes, boxes)
+    kept_idx: list[int] = []
+    for i in range(len(cands)):
+      if (iou[i, kept_idx] >= dedupe_iou).any():
         _drop_region(it, "duplicate")
-      elif len(kept) >= max_regions:
+      elif len(kept_idx) >= max_regions:
         _drop_region(it, "over_limit")
       else:
-        kept.append(c)
-    for r in kept:
-      a = _area(r["box"])
-      r["granularity"] = "fine" if any(
-          o is not r and a <= ratio * _area(o["box"]) and _inter(r["box"], o["box"]) >= contain * a
-          for o in kept) else "coarse"
+        kept_idx.append(i)
+    kept = [cands[i] for i in kept_idx]
+    areas = box_ops.area(boxes[kept_idx])
+    inter = box_ops.pairwise_intersection(boxes[kept_idx], boxes[kept_idx])
+    for j, r in enumerate(kept):
+      inside = (areas[j] <= ratio * areas) & (inter[j] >= contain * areas[j])
+      inside[j] = False  # not a part of itself
+      r["granularity"] = "fine" if inside.any() else "coarse"
       r["provenance"] = {"phrase": it["phrases_provenance"], "box": grounder.provenance}
     if not kept:
       _leave(it, "dropped", "ground", "no_regions")

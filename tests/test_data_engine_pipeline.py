@@ -32,13 +32,6 @@ def synthetic_cfg(arg: str, **over) -> dict:
   return config_lib.to_plain(cfg)
 
 
-def _iou(a, b):
-  ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-  iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-  i = ix * iy
-  return i / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - i)
-
-
 def test_synthetic_scenes_end_to_end_exact(tmp_path):
   out = str(tmp_path / "out")
   cfg = synthetic_cfg("12,128,5", num_shards=3, shards_per_wave=2)

@@ -131,8 +131,12 @@ def test_empty_results_and_bad_input():
 def test_conversion_and_parsed_results():
   r = coco_lib.to_results(3, [[10, 20, 30, 60]], [0.5], 2)
   assert r == [{"image_id": 3, "category_id": 2, "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.5}]
-  np.testing.assert_allclose(coco_lib.xywh_to_xyxy(coco_lib.xyxy_to_xywh([[1, 2, 5, 9]])),
-                             [[1, 2, 5, 9]])
+  assert coco_lib.to_results(3, [], [], 2) == []
+  # float32 model outputs: the xywh values are computed in float64
+  r = coco_lib.to_results(3, np.float32([[0.1, 0.2, 0.4, 0.7]]), [0.5], 2)
+  assert r[0]["bbox"] == [np.float32(0.1).item(), np.float32(0.2).item(),
+                          np.float32(0.4).item() - np.float32(0.1).item(),
+                          np.float32(0.7).item() - np.float32(0.2).item()]
   phrases = [{"phrase": "Traffic light", "boxes": [[0, 0, 2, 2], [4, 4, 8, 8]]},
              {"phrase": "unicorn", "boxes": [[1, 1, 2, 2]]}]
   res, unmatched = coco_lib.parsed_to_results(1, phrases, {"traffic_light": 2})

@@ -4,15 +4,20 @@ from pycocotools import mask as mask_utils
 import pytest
 
 from chatrex_jax.eval import density_f1 as D
+from chatrex_jax.ops import boxes as box_ops
 
 A, B = [0, 0, 10, 10], [2, 0, 12, 10]
 P1, P2 = [1, 0, 11, 10], [-3, 0, 7, 10]  # IoU(A,P1)=IoU(B,P1)=90/110, IoU(A,P2)=70/130, IoU(B,P2)=1/3
 
 
 def test_iou_no_plus_one():
-  assert D.box_iou(A, P1) == pytest.approx(90 / 110)
-  assert D.box_iou(A, [10, 0, 20, 10]) == 0.0  # touching: no overlap
-  assert D.box_iou(A, [0, 0, 10, 5]) == 0.5
+  def iou(a, b):  # the IoU match_boxes uses
+    return float(box_ops.pairwise_iou([a], [b], dtype=np.float64)[0, 0])
+  assert iou(A, P1) == pytest.approx(90 / 110)
+  assert iou(A, [10, 0, 20, 10]) == 0.0  # touching: no overlap
+  assert iou(A, [0, 0, 10, 5]) == 0.5
+  assert D.match_boxes([A], [[0, 0, 10, 5]], 0.5) == (1.0, 1.0)  # IoU exactly 0.5 matches
+  assert D.match_boxes([A], [[10, 0, 20, 10]], 0.0) == (0.0, 0.0)  # IoU 0 never matches
 
 
 def test_greedy_matching_follows_gt_order():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from chatrex_jax.data import tasks
-from chatrex_jax.ops.boxes import pairwise_iou_host
+from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import grammar, prompts
 from tests.builders import parse_groups, scene_record
 
@@ -100,7 +100,7 @@ def test_negatives_and_proposals():
   boxes, region = tasks.build_input_boxes(rec, np.random.default_rng(0), [], 40, cfg)
   neg = boxes[region < 0]
   assert len(neg) == 10
-  assert pairwise_iou_host(neg, gt).max() < 0.6
+  assert box_ops.pairwise_iou(neg, gt, dtype=np.float64).max() < 0.6
   assert np.all(neg[:, :2] >= 0) and np.all(neg[:, 2] <= rec["width"]) and np.all(neg[:, 3] <= rec["height"])
   # stored proposals are used (and duplicates of GT boxes removed); no synthetic ones then
   recp = scene_record(2, proposals=True)
@@ -109,7 +109,7 @@ def test_negatives_and_proposals():
   props = np.asarray(recp["proposals"]["boxes"])
   neg = boxes[region < 0]
   assert len(neg) <= 8 and all(any(np.array_equal(n, p) for p in props) for n in neg)
-  assert pairwise_iou_host(neg, gt).max() < 0.7
+  assert box_ops.pairwise_iou(neg, gt, dtype=np.float64).max() < 0.7
   # capacity: never more than max_objects; required regions always kept
   n_regions = len(rec["regions"])
   boxes, region = tasks.build_input_boxes(rec, np.random.default_rng(1), [n_regions - 1], 2, cfg)

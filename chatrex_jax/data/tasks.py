@@ -39,7 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from chatrex_jax.ops.boxes import pairwise_iou_host
+from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import prompts
 from chatrex_jax.protocol import tokens as C
 from chatrex_jax.protocol.grammar import grounded
@@ -185,12 +185,11 @@ def _synthetic_negatives(rng: np.random.Generator, gt: np.ndarray, n: int, width
   cand = np.stack([x1, y1, x1 + w, y1 + h], -1)
   if jitter_prob > 0:
     src = gt[rng.integers(len(gt), size=k)]
-    cx, cy = (src[:, 0] + src[:, 2]) / 2, (src[:, 1] + src[:, 3]) / 2
-    bw, bh = src[:, 2] - src[:, 0], src[:, 3] - src[:, 1]
+    cx, cy, bw, bh = box_ops.xyxy_to_cxcywh(src).T
     noise = rng.normal(0, scale, (k, 4))
     cx, cy = cx + noise[:, 0] * bw, cy + noise[:, 1] * bh
     bw, bh = bw * np.exp(noise[:, 2]), bh * np.exp(noise[:, 3])
-    jit = np.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], -1)
+    jit = box_ops.cxcywh_to_xyxy(np.stack([cx, cy, bw, bh], -1))
     use = rng.uniform(0, 1, k) < jitter_prob
     cand = np.where(use[:, None], jit, cand)
   cand[:, 0::2] = np.clip(cand[:, 0::2], 0, width)
@@ -199,9 +198,9 @@ def _synthetic_negatives(rng: np.random.Generator, gt: np.ndarray, n: int, width
 
 
 def _keep_negatives(cand: np.ndarray, gt: np.ndarray, dedup_iou: float, n: int) -> np.ndarray:
-  ok = ((cand[:, 2] - cand[:, 0]) >= 1) & ((cand[:, 3] - cand[:, 1]) >= 1)
+  ok = np.all(box_ops.xyxy_to_xywh(cand)[:, 2:] >= 1, axis=-1)  # at least 1 px wide and high
   if len(gt):
-    ok &= pairwise_iou_host(cand, gt).max(-1) < dedup_iou
+    ok &= box_ops.pairwise_iou(cand, gt, dtype=np.float64).max(-1) < dedup_iou
   return cand[ok][:n]
 
 

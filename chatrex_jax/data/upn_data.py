@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from chatrex_jax.data import pipeline as mllm_pipeline
+from chatrex_jax.ops import boxes as box_ops
 
 PROMPT_IDS = {"fine": 0, "coarse": 1}
 PROMPT_NAMES = {v: k for k, v in PROMPT_IDS.items()}
@@ -285,8 +286,7 @@ def to_canvas(img: Image.Image, boxes: np.ndarray, canvas: int, max_targets: int
   mask[:h, :w] = False
   boxes = np.asarray(boxes, np.float32).reshape(-1, 4)[:max_targets]
   n = boxes.shape[0]
-  cxcywh = np.stack([(boxes[:, 0] + boxes[:, 2]) / 2 / w, (boxes[:, 1] + boxes[:, 3]) / 2 / h,
-                     (boxes[:, 2] - boxes[:, 0]) / w, (boxes[:, 3] - boxes[:, 1]) / h], -1)
+  cxcywh = box_ops.xyxy_to_cxcywh(boxes) / np.asarray([w, h, w, h], np.float32)
   out_boxes = np.zeros((max_targets, 4), np.float32)
   out_boxes[:n] = cxcywh
   box_mask = np.zeros((max_targets,), bool)

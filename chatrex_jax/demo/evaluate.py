@@ -30,6 +30,7 @@ from PIL import Image
 from chatrex_jax.data import records as records_lib
 from chatrex_jax.eval.recall import iou_matrix, proposal_recall
 from chatrex_jax.eval.referring import referring_accuracy
+from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import prompts
 
 PROMPTS = ("coarse", "fine")
@@ -106,7 +107,7 @@ def random_boxes(rng: np.random.Generator, n: int, width: int, height: int,
   h = rng.uniform(min_frac, max_frac, n) * height
   x = rng.uniform(0, 1, n) * (width - w)
   y = rng.uniform(0, 1, n) * (height - h)
-  return np.stack([x, y, x + w, y + h], axis=1).reshape(-1, 4)
+  return box_ops.xywh_to_xyxy(np.stack([x, y, w, h], axis=1).reshape(-1, 4))
 
 
 def upn_metrics(scenes: Sequence[Scene], props: Sequence[SceneProposals], iou: float = 0.5,

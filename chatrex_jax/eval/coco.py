@@ -6,7 +6,8 @@ AP / AR are never computed by hand here: `evaluate_boxes` builds `pycocotools.co
   AP (IoU .50:.95), AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
 
 (-1 where pycocotools has nothing to average, e.g. no small objects). Boxes in COCO results are
-xywh in original-image pixels; `xyxy_to_xywh` converts model outputs.
+xywh in original-image pixels; `to_results` converts xyxy model outputs
+(`chatrex_jax.ops.boxes.xyxy_to_xywh`, float64).
 
 ChatRex answers carry no confidence score. `parsed_to_results` gives every box of an answer a
 score: "constant" (1.0 for all; AP then depends on pycocotools' stable tie order) or "rank"
@@ -29,6 +30,8 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from chatrex_jax.ops import boxes as box_ops
 
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
               "ARl")
@@ -85,22 +88,10 @@ def category_names(coco, *, lvis_clean: bool = False) -> dict[int, str]:
   return out
 
 
-def xyxy_to_xywh(boxes) -> np.ndarray:
-  """[N, 4] xyxy -> [N, 4] xywh (float64)."""
-  b = np.asarray(boxes, np.float64).reshape(-1, 4)
-  return np.concatenate([b[:, :2], b[:, 2:] - b[:, :2]], axis=1)
-
-
-def xywh_to_xyxy(boxes) -> np.ndarray:
-  """[N, 4] xywh -> [N, 4] xyxy (float64)."""
-  b = np.asarray(boxes, np.float64).reshape(-1, 4)
-  return np.concatenate([b[:, :2], b[:, :2] + b[:, 2:]], axis=1)
-
-
 def to_results(image_id: int, boxes_xyxy, scores, category_ids) -> list[dict]:
   """COCO result records for one image: boxes [N, 4] xyxy, scores [N], category_ids [N] (or
   one int for all)."""
-  b = xyxy_to_xywh(boxes_xyxy)
+  b = box_ops.xyxy_to_xywh(np.asarray(boxes_xyxy, np.float64).reshape(-1, 4))
   n = b.shape[0]
   s = np.broadcast_to(np.asarray(scores, np.float64), (n,))
   c = np.broadcast_to(np.asarray(category_ids, np.int64), (n,))

@@ -2,7 +2,10 @@
 
 Re-implements the *code* of RexSeek `evaluation/recall_precision_densityf1.py`:
 
-* IoU = intersection / union of xyxy boxes, 0 when they do not overlap (no +1).
+* IoU = intersection / union of xyxy boxes, 0 when they do not overlap (no +1):
+  `chatrex_jax.ops.boxes.pairwise_iou` in float64. The official code computes it in python
+  floats, and float64 numpy performs the same IEEE operations in the same order, so the IoU
+  values - and the comparisons with the thresholds below - are bit-identical.
 * Matching at threshold t (`match_boxes`): GT boxes are visited in order; each takes the
   **unused** prediction with the highest IoU, provided IoU >= t (and > 0; ties keep the earlier
   prediction). recall = matches / #GT, precision = matches / #pred.
@@ -44,6 +47,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from chatrex_jax.ops import boxes as box_ops
+
 THRESHOLDS = np.arange(0.5, 1.0, 0.05)  # exactly the official array (10 values)
 BUCKET_ORDER = ("1", "2-5", "6-10", ">10")
 REJECTION_DOMAIN = "rejection"
@@ -51,16 +56,6 @@ REJECTION_DOMAIN = "rejection"
 BOX_KEYS = ("recall_50", "precision_50", "recall_mean", "precision_mean", "density_f1_50",
             "density_f1_mean")
 POINT_KEYS = ("recall", "precision", "density_f1")
-
-
-def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-  """IoU of two xyxy boxes (python floats), 0 when they do not overlap; no +1."""
-  x1, y1 = max(a[0], b[0]), max(a[1], b[1])
-  x2, y2 = min(a[2], b[2]), min(a[3], b[3])
-  if x2 <= x1 or y2 <= y1:
-    return 0.0
-  inter = (x2 - x1) * (y2 - y1)
-  return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
 def is_empty_prediction(pred: Sequence) -> bool:
@@ -79,18 +74,15 @@ def match_boxes(gt_boxes: Sequence[Sequence[float]], pred_boxes: Sequence[Sequen
                      "malformed; empty-GT samples belong to the rejection domain)")
   if is_empty_prediction(pred_boxes):
     return 0.0, 0.0
-  matches, used = 0, set()
-  for g in gt_boxes:
-    best, best_i = 0.0, -1
-    for i, p in enumerate(pred_boxes):
-      if i in used:
-        continue
-      iou = box_iou(g, p)
-      if iou > best and iou >= iou_threshold:
-        best, best_i = iou, i
-    if best_i != -1:
-      matches += 1
-      used.add(best_i)
+  ious = box_ops.pairwise_iou(gt_boxes, pred_boxes, dtype=np.float64)  # [G, P]
+  unused = np.ones(len(pred_boxes), bool)
+  for row in ious:
+    # The best unused prediction with IoU >= t and > 0; argmax keeps the earliest of ties.
+    candidates = np.where(unused & (row >= iou_threshold), row, 0.0)
+    best = int(np.argmax(candidates))
+    if candidates[best] > 0:
+      unused[best] = False
+  matches = int((~unused).sum())
   return matches / len(gt_boxes), matches / len(pred_boxes)
 
 

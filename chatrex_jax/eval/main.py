@@ -41,6 +41,7 @@ from chatrex_jax.eval import coco as coco_lib
 from chatrex_jax.eval import density_f1 as df1
 from chatrex_jax.eval import recall as recall_lib
 from chatrex_jax.eval import referring as ref_lib
+from chatrex_jax.ops import boxes as box_ops
 
 QUESTION_TEMPLATE = "Please detect [OBJ] in this image. Answer the question with object indexes."
 MAX_CANDIDATES = 100
@@ -95,6 +96,11 @@ def _cmd_coco(args) -> int:
   return 0
 
 
+def _xyxy_from_coco(bboxes) -> np.ndarray:
+  """COCO `bbox` lists (xywh) -> float64 [N, 4] xyxy ([0, 4] for none)."""
+  return box_ops.xywh_to_xyxy(np.asarray(bboxes, np.float64).reshape(-1, 4))
+
+
 def _cmd_proposal_recall(args) -> int:
   gt = coco_lib.load_coco(args.annotations)
   results = coco_lib.read_results(args.predictions)
@@ -104,10 +110,10 @@ def _cmd_proposal_recall(args) -> int:
   gts, gls, props, pls, pss = [], [], [], [], []
   for img_id in sorted(gt.getImgIds()):
     anns = [a for a in gt.imgToAnns.get(img_id, []) if not a.get("iscrowd", 0)]
-    gts.append(coco_lib.xywh_to_xyxy([a["bbox"] for a in anns]))
+    gts.append(_xyxy_from_coco([a["bbox"] for a in anns]))
     gls.append([a["category_id"] for a in anns])
     rs = sorted(by_img.get(img_id, []), key=lambda r: -r.get("score", 1.0))
-    props.append(coco_lib.xywh_to_xyxy([r["bbox"] for r in rs]))
+    props.append(_xyxy_from_coco([r["bbox"] for r in rs]))
     pls.append([r.get("category_id", -1) for r in rs])
     pss.append([r.get("score", 1.0) for r in rs])
   prop = recall_lib.proposal_recall(gts, props, args.iou, max_proposals=args.max_proposals)

@@ -9,8 +9,8 @@
   highest IoU >= thr; recall = matched GT / all GT. With `one_to_one=False` it is the
   proposal rule restricted to same-category predictions.
 
-IoU: xyxy, intersection / union, 0 without overlap, no +1 (as RexSeek / pycocotools continuous
-boxes). All host-side NumPy.
+IoU: `chatrex_jax.ops.boxes.pairwise_iou` in float64 (xyxy, intersection / union, 0 without
+overlap, no +1, as RexSeek / pycocotools continuous boxes). All host-side NumPy.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from chatrex_jax.ops.boxes import pairwise_iou_host
+from chatrex_jax.ops import boxes as box_ops
 
 
 def _boxes(b, what: str) -> np.ndarray:
@@ -33,7 +33,7 @@ def _boxes(b, what: str) -> np.ndarray:
 
 def iou_matrix(a, b) -> np.ndarray:
   """[N, M] IoU of xyxy boxes a [N, 4] and b [M, 4] (float64; shapes checked)."""
-  return pairwise_iou_host(_boxes(a, "boxes a"), _boxes(b, "boxes b"))
+  return box_ops.pairwise_iou(_boxes(a, "boxes a"), _boxes(b, "boxes b"), dtype=np.float64)
 
 
 @dataclasses.dataclass

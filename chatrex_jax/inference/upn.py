@@ -154,6 +154,7 @@ def postprocess(pred_boxes: np.ndarray, pred_logits: np.ndarray,
     raise ValueError(f"{len(sizes_hw)} image sizes for a batch of {boxes.shape[0]}")
   out_b, out_s = [], []
   for b, (h, w) in enumerate(sizes_hw):
+    # Not box_ops.cxcywh_to_xyxy: x1 = x0 + w rounds differently from cx + w / 2 in float32.
     cx, cy, bw, bh = boxes[b].T
     x0 = cx - bw / np.float32(2)
     y0 = cy - bh / np.float32(2)

@@ -71,6 +71,8 @@ def box_position_embedding(boxes: jnp.ndarray, image_size: tuple[float, float],
   b = boxes.astype(jnp.float32)
   x1, x2 = b[..., 0] / jnp.float32(img_w), b[..., 2] / jnp.float32(img_w)
   y1, y2 = b[..., 1] / jnp.float32(img_h), b[..., 3] / jnp.float32(img_h)
+  # Not ops.boxes.xyxy_to_cxcywh: the official in-place order gives cx = x1 + w / 2, which
+  # rounds differently from (x1 + x2) / 2 in float32.
   w, h = x2 - x1, y2 - y1                 # official in-place order: w, h first,
   cx, cy = x1 + w / 2, y1 + h / 2         # then centres from the normalised corners
   return position.sine_embed(jnp.stack([cy, cx, w, h], axis=-1), num_feats, 10000.0)

@@ -1,19 +1,33 @@
 """Greedy non-maximum suppression identical to `torchvision.ops.nms` (CPU kernel).
 
-* `nms` (host, numpy): the reference-exact version used by the UPN filter. Boxes are sorted by
-  descending score (stable: ties keep input order, as torch's CPU sort does), then each kept
-  box suppresses every later box whose IoU with it is strictly greater than the threshold.
-  IoU is computed in float32 with area = (x2 - x1) * (y2 - y1) (no +1), exactly as the
-  torchvision kernel, and compared with the threshold in float64 (C++ promotes the float IoU
-  to the double threshold).
+The rule: boxes are sorted by descending score (stable: ties keep input order, as torch's CPU
+sort does), then each kept box suppresses every later box whose IoU with it is strictly greater
+than the threshold. IoU is `chatrex_jax.ops.boxes.pairwise_iou` (no +1) in the boxes' dtype,
+as torchvision's kernel computes in the tensor's dtype, and compared with the threshold as C++
+does: the float IoU promoted to the double threshold.
+
+* `nms` (host, numpy): the reference-exact version used by the UPN filter and the data
+  engine's grounding backend. float64 boxes / scores stay float64, anything else is float32.
 * `nms_fixed` (jax, jit-able): the same greedy rule on a fixed number of boxes with a validity
-  mask, returning a keep mask; O(N^2) memory (N = 900 for UPN: 3 MB).
+  mask, returning a keep mask (float32).
+
+Both build the full [N, N] IoU matrix: O(N^2) memory (N = 900 for UPN: 3 MB in float32).
+
+One difference from torchvision, for thresholds < 0 only: torchvision's IoU of two zero-area
+boxes is 0/0 = nan, never above a threshold, so the later one survives a negative threshold;
+here that IoU is 0 (the library's convention) and it is suppressed like every other box. For
+thresholds >= 0 the kept indices are identical.
 """
 from __future__ import annotations
 
-import jax
-import jax.numpy as jnp
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+from chatrex_jax.ops.boxes import pairwise_iou
+
+if TYPE_CHECKING:  # jax itself is imported by `nms_fixed` only: the host `nms` runs without it
+  import jax
 
 
 def _check(boxes, scores):
@@ -23,65 +37,61 @@ def _check(boxes, scores):
     raise ValueError(f"scores must be [N] = [{boxes.shape[0]}], got shape {scores.shape}")
 
 
+def _kernel_dtype(x) -> np.dtype:
+  """torchvision computes in the tensor's dtype; float64 stays, the rest is float32."""
+  return np.dtype(np.float64) if np.asarray(x).dtype == np.float64 else np.dtype(np.float32)
+
+
+def _threshold_in(dtype, iou_threshold: float):
+  """The largest `dtype` value <= iou_threshold: for any IoU of that dtype,
+  iou > result  <=>  float64(iou) > iou_threshold (C++'s promotion to the double)."""
+  thr = np.asarray(iou_threshold, dtype)
+  if float(thr) > float(iou_threshold):
+    thr = np.nextafter(thr, np.asarray(-np.inf, dtype))
+  return thr
+
+
+def _suppresses(boxes_sorted, iou_threshold: float):
+  """[N, N] bool: row i suppresses column j (IoU > threshold), boxes sorted by score."""
+  iou = pairwise_iou(boxes_sorted, boxes_sorted)
+  return iou > _threshold_in(iou.dtype, iou_threshold)
+
+
 def nms(boxes, scores, iou_threshold: float) -> np.ndarray:
   """boxes [N, 4] xyxy, scores [N] -> int64 indices of the kept boxes, by decreasing score."""
-  boxes = np.asarray(boxes, np.float32)
-  scores = np.asarray(scores, np.float32)
+  boxes = np.asarray(boxes, _kernel_dtype(boxes))
+  scores = np.asarray(scores, _kernel_dtype(scores))
   _check(boxes, scores)
-  if boxes.shape[0] == 0:
-    return np.zeros((0,), np.int64)
-  x1, y1, x2, y2 = boxes.T
-  areas = (x2 - x1) * (y2 - y1)
   order = np.argsort(-scores, kind="stable")
-  suppressed = np.zeros(boxes.shape[0], bool)
+  suppresses = _suppresses(boxes[order], iou_threshold)
+  suppressed = np.zeros(len(order), bool)
   keep = []
-  thr = float(iou_threshold)
-  for pos, i in enumerate(order):
-    if suppressed[i]:
+  for pos in range(len(order)):
+    if suppressed[pos]:
       continue
-    keep.append(i)
-    rest = order[pos + 1:]
-    if rest.size == 0:
-      break
-    xx1 = np.maximum(x1[i], x1[rest])
-    yy1 = np.maximum(y1[i], y1[rest])
-    xx2 = np.minimum(x2[i], x2[rest])
-    yy2 = np.minimum(y2[i], y2[rest])
-    w = np.maximum(np.float32(0), xx2 - xx1)
-    h = np.maximum(np.float32(0), yy2 - yy1)
-    inter = w * h
-    with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 for empty boxes: NaN, never > thr
-      ovr = inter / (areas[i] + areas[rest] - inter)
-      suppressed[rest[ovr.astype(np.float64) > thr]] = True
-  return np.asarray(keep, np.int64)
+    keep.append(pos)
+    # Marks earlier positions too (they are decided already) and the box itself: harmless.
+    suppressed |= suppresses[pos]
+  return order[np.asarray(keep, np.int64)]
 
 
-def nms_fixed(boxes: jnp.ndarray, scores: jnp.ndarray, iou_threshold: float,
-              valid: jnp.ndarray | None = None) -> jnp.ndarray:
+def nms_fixed(boxes: jax.Array, scores: jax.Array, iou_threshold: float,
+              valid: jax.Array | None = None) -> jax.Array:
   """Jit-able greedy NMS with static shapes.
 
   boxes [N, 4] xyxy, scores [N], valid [N] bool (False = ignore, e.g. below a score threshold).
   returns keep [N] bool in the input order; the kept set equals `nms(boxes[valid], ...)`.
   """
+  import jax  # here, not at the top: host users of `nms` (the data engine) never load jax
+  import jax.numpy as jnp
   n = boxes.shape[0]
-  boxes = boxes.astype(jnp.float32)
+  boxes = jnp.asarray(boxes, jnp.float32)
   if valid is None:
     valid = jnp.ones((n,), bool)
   order = jnp.argsort(-scores, stable=True)
-  b = boxes[order]
   v = valid[order]
-  area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-  lt = jnp.maximum(b[:, None, :2], b[None, :, :2])
-  rb = jnp.minimum(b[:, None, 2:], b[None, :, 2:])
-  wh = jnp.maximum(rb - lt, 0.0)
-  inter = wh[..., 0] * wh[..., 1]
-  iou = inter / (area[:, None] + area[None, :] - inter)
   later = jnp.arange(n)[None, :] > jnp.arange(n)[:, None]
-  # ovr > thr (float64) <=> ovr > thr rounded down to float32, for any float32 ovr.
-  thr32 = np.float32(iou_threshold)
-  if float(thr32) > float(iou_threshold):
-    thr32 = np.nextafter(thr32, np.float32(-np.inf))
-  suppress_rows = (iou > thr32) & later
+  suppress_rows = _suppresses(boxes[order], iou_threshold) & later
 
   def body(i, state):
     keep, suppressed = state

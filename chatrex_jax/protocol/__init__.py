@@ -10,5 +10,6 @@ must agree on, in one place.
   grammar    the answer grammar: building `<ground>..</ground><objects>..</objects>` answers and
              parsing them back into phrases and boxes
 
-It depends on nothing else in the package; `models`, `data`, `inference`, `eval` import it.
+It depends on nothing else in the package but the box library `chatrex_jax.ops.boxes` (a leaf
+module: numpy only, jax never imported); `models`, `data`, `inference`, `eval` import it.
 """

@@ -61,6 +61,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import tokens as C
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -286,12 +287,6 @@ def torch_bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   return _fma_pair(top, h0[:, None, None], bottom, h1[:, None, None])
 
 
-def xyxy_to_xywh(boxes_xyxy) -> np.ndarray:
-  """[N, 4] xyxy -> xywh in float64 (official: on np.array of python floats)."""
-  b = np.asarray(boxes_xyxy, np.float64).reshape(-1, 4)
-  return np.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
-
-
 def pad_boxes(boxes_xywh, size_wh: tuple[int, int]) -> np.ndarray:
   """Official `pad_boxes`: float32, x += (H - W) // 2 (portrait/square) or y += (W - H) // 2."""
   b = np.asarray(boxes_xywh).astype(np.float32).reshape(-1, 4)
@@ -309,12 +304,6 @@ def resize_boxes(boxes_xywh, square_side: int, target: int = AUX_IMAGE_SIZE) -> 
   return b * np.float32(target / square_side)
 
 
-def xywh_to_xyxy(boxes_xywh) -> np.ndarray:
-  """[N, 4] xywh -> xyxy in the input dtype (x2 = x + w)."""
-  b = np.asarray(boxes_xywh).reshape(-1, 4)
-  return np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], -1)
-
-
 def transform_boxes(boxes_xyxy, size_wh: tuple[int, int],
                     target: int = AUX_IMAGE_SIZE) -> np.ndarray:
   """Original-image xyxy boxes -> xyxy in the target x target frame of the squared image.
@@ -323,8 +312,11 @@ def transform_boxes(boxes_xyxy, size_wh: tuple[int, int],
   top for landscape, integer (|W - H|) // 2); x, y, w, h *= float32(target / max(W, H));
   x2 = x + w in float32. boxes [N, 4] -> float32 [N, 4]. Not clipped.
   """
-  padded = pad_boxes(xyxy_to_xywh(boxes_xyxy), size_wh)
-  return xywh_to_xyxy(resize_boxes(padded, max(size_wh), target)).astype(np.float32)
+  # The conversions are the box library's, in the official dtypes: xyxy -> xywh on float64 (the
+  # official converts np.array(python floats)), xywh -> xyxy on the float32 of the padding.
+  xywh = box_ops.xyxy_to_xywh(np.reshape(boxes_xyxy, (-1, 4)), dtype=np.float64)
+  padded = pad_boxes(xywh, size_wh)
+  return box_ops.xywh_to_xyxy(resize_boxes(padded, max(size_wh), target)).astype(np.float32)
 
 
 def boxes_to_original(boxes_768, size_wh: tuple[int, int],

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from chatrex_jax.ops import boxes as box_ops
+from chatrex_jax.ops.nms import nms
 from data_engine.backends.base import Box, GroundingBackend, VerifierBackend, VisionLanguageBackend
 
 CAPTION_PROMPT = "Describe this image in detail, naming every visible object."
@@ -149,25 +151,6 @@ def crop(image: np.ndarray, box: Box, context: float = 0.15) -> np.ndarray:
   return np.ascontiguousarray(image[b:max(d, b + 1), a:max(c, a + 1)])
 
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
-  """Greedy NMS (torchvision semantics) -> kept indices, best first."""
-  order = list(np.argsort(-scores, kind="stable"))
-  keep: list[int] = []
-  area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-  while order:
-    i = order.pop(0)
-    keep.append(int(i))
-    if not order:
-      break
-    rest = np.asarray(order)
-    lt = np.maximum(boxes[i, :2], boxes[rest, :2])
-    rb = np.minimum(boxes[i, 2:], boxes[rest, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)
-    ov = inter / np.maximum(area[i] + area[rest] - inter, 1e-9)
-    order = [int(j) for j, o in zip(rest, ov) if o <= iou]
-  return keep
-
-
 class HFGrounding(GroundingBackend):
   """Grounding DINO (or any zero-shot detector with logits over text tokens + pred_boxes)."""
 
@@ -211,14 +194,12 @@ class HFGrounding(GroundingBackend):
           out.append([])
           continue
         scores = logits[b, :, :L][:, tok_mask].max(axis=1)
-        cx, cy, bw, bh = pboxes[b].T
-        boxes = np.stack([(cx - bw / 2) * w, (cy - bh / 2) * h,
-                          (cx + bw / 2) * w, (cy + bh / 2) * h], axis=1)
-        boxes = np.clip(boxes, 0, [w, h, w, h])
+        scale = np.asarray([w, h, w, h], np.float32)
+        boxes = np.clip(box_ops.cxcywh_to_xyxy(pboxes[b]) * scale, 0, [w, h, w, h])  # float64
         ok = ((scores >= self.box_threshold) & (boxes[:, 2] - boxes[:, 0] >= self.min_box_px)
               & (boxes[:, 3] - boxes[:, 1] >= self.min_box_px))
         boxes, scores = boxes[ok], scores[ok]
-        keep = nms(boxes, scores, self.nms_iou)[:self.max_boxes]
+        keep = nms(boxes, scores, self.nms_iou)[:self.max_boxes]  # float64 boxes: IoU in float64
         out.append([([float(v) for v in boxes[k]], float(scores[k])) for k in keep])
     return out
 

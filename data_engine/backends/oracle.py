@@ -6,6 +6,9 @@ they can never silently label real images.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from chatrex_jax.ops import boxes as box_ops
 from data_engine import synthetic
 from data_engine.backends.base import Box, GroundingBackend, VerifierBackend, VisionLanguageBackend
 
@@ -20,23 +23,20 @@ def _scene(meta: dict) -> dict:
   return scene
 
 
-def _iou(a, b) -> float:
-  ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-  iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-  inter = ix * iy
-  union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-  return inter / union if union > 0 else 0.0
-
-
 def match_box(scene: dict, box: Box) -> tuple[int, bool]:
-  """(object id, is_part) of the scene element with the best IoU to `box`."""
-  best, arg = -1.0, (0, False)
+  """(object id, is_part) of the scene element with the best IoU to `box` (the first of ties)."""
+  elements, boxes = [], []
   for o in scene["objects"]:
-    cands = [(o["box"], False)] + ([(o["part"]["box"], True)] if o["part"] else [])
-    for b, is_part in cands:
-      v = _iou(b, box)
-      if v > best:
-        best, arg = v, (o["id"], is_part)
+    elements.append((o["id"], False))
+    boxes.append(o["box"])
+    if o["part"]:
+      elements.append((o["id"], True))
+      boxes.append(o["part"]["box"])
+  best, arg = -1.0, (0, False)
+  if elements:
+    iou = box_ops.pairwise_iou(np.asarray(boxes, np.float64), np.asarray([box], np.float64))[:, 0]
+    k = int(np.argmax(iou))
+    best, arg = float(iou[k]), elements[k]
   if best < 0.5:
     raise ValueError(f"box {box} matches no scene element (best IoU {best:.2f})")
   return arg

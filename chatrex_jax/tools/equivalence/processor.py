@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from chatrex_jax.inference import processor as P
+from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import image as image_protocol
 from chatrex_jax.protocol import templates, tokenize
 from chatrex_jax.tools.equivalence.registry import Fixture, RunResult, register
@@ -46,7 +47,8 @@ def run_case(fixture: Fixture, case: dict, proc: P.ChatRexProcessor, tmp: pathli
   if chunks is not None and tokenize.split_special_strings(sample.prompt) != chunks:
     raise AssertionError(f"{name}: prompt split on placeholders differs from the official split")
   w, h = img.size_wh
-  padded = image_protocol.pad_boxes(image_protocol.xyxy_to_xywh(boxes), (w, h))
+  xywh = box_ops.xyxy_to_xywh(np.reshape(boxes, (-1, 4)), dtype=np.float64)
+  padded = image_protocol.pad_boxes(xywh, (w, h))
   nchw = img.nchw()
   return {
       f"{name}_pixel_values_aux": nchw["pixel_values_aux"],
