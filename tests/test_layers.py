@@ -5,8 +5,8 @@ import pathlib
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "chatrex_jax"
 # package -> the packages of chatrex_jax it must not import (lazily inside functions included)
 FORBIDDEN = {
-    "protocol": {"ops", "models", "data", "convert", "train", "inference", "eval", "demo", "tools", "configs"},
-    "ops": {"models", "data", "convert", "train", "inference", "eval", "demo", "tools", "configs"},
+    "ops": {"protocol", "models", "data", "convert", "train", "inference", "eval", "demo", "tools", "configs"},
+    "protocol": {"models", "data", "convert", "train", "inference", "eval", "demo", "tools", "configs"},
     "models": {"data", "convert", "train", "inference", "eval", "demo", "tools", "configs"},
     "data": {"convert", "train", "inference", "eval", "demo", "tools", "configs", "models"},
 }
