@@ -411,6 +411,18 @@ def reference_dataset(cfg, lengths: Sequence[int], weights: Sequence[float]):
   return grain.MapDataset.mix([parts[i] for i in keep], [w[i] for i in keep])
 
 
+def process_share(examples, batch_size: int, pi: int, pc: int, batched: bool = True):
+  """This process's share of a grain MapDataset (every pc-th element from pi), batched to its
+  part of the global batch_size (dropping the remainder) unless batched=False."""
+  local = examples[pi::pc]
+  if not batched:
+    return local
+  if batch_size % pc:
+    raise ValueError(f"data.batch_size={batch_size} (global) is not divisible by "
+                     f"process_count={pc}")
+  return local.batch(batch_size // pc, drop_remainder=True)
+
+
 def build_dataset(cfg, *, sources=None, process_index: int | None = None,
                   process_count: int | None = None, tokenizer=None, template=None,
                   batched: bool = True):
@@ -426,13 +438,7 @@ def build_dataset(cfg, *, sources=None, process_index: int | None = None,
   refs = reference_dataset(cfg, [len(s) for _, s, _ in sources], [w for _, _, w in sources])
   builder = ExampleBuilder(cfg, sources, tokenizer=tokenizer, template=template)
   examples = refs.random_map(builder, seed=_seeds(cfg.seed, len(sources) + 1)[-1])
-  local = examples[pi::pc]
-  if not batched:
-    return local
-  if cfg.batch_size % pc:
-    raise ValueError(f"data.batch_size={cfg.batch_size} (global) is not divisible by "
-                     f"process_count={pc}")
-  return local.batch(cfg.batch_size // pc, drop_remainder=True)
+  return process_share(examples, cfg.batch_size, pi, pc, batched)
 
 
 def fingerprint(cfg, lengths: Sequence[int], process_index: int, process_count: int) -> str:

@@ -352,13 +352,7 @@ def build_upn_dataset(cfg, *, sources=None, process_index: int | None = None,
                                          [w for _, _, w in sources])
   builder = UPNExampleBuilder(cfg, sources, train=train)
   examples = refs.random_map(builder, seed=mllm_pipeline._seeds(cfg.seed, len(sources) + 1)[-1])
-  local = examples[pi::pc]
-  if not batched:
-    return local
-  if cfg.batch_size % pc:
-    raise ValueError(f"data.batch_size={cfg.batch_size} (global) is not divisible by "
-                     f"process_count={pc}")
-  return local.batch(cfg.batch_size // pc, drop_remainder=True)
+  return mllm_pipeline.process_share(examples, cfg.batch_size, pi, pc, batched)
 
 
 def make_upn_iterator(cfg, *, sources=None, process_index: int | None = None,
