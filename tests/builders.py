@@ -132,3 +132,18 @@ def to_flax(model, state, **overrides):
   jmodel = CausalLM(config)
   expected = jax.eval_shape(jmodel.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   return config, jmodel, llm_convert.from_torch_state(state, config, expected=expected)
+
+
+def write_tiny_checkpoint(root):
+  """A random tiny ChatRex with a tiny tokenizer, saved in the official layout -> its folder."""
+  from flax.core import meta
+
+  from chatrex_jax.convert import chatrex as chatrex_convert
+  from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
+  from chatrex_jax.models.chatrex import init_params
+  from chatrex_jax.models.tiny import tiny_config
+  tok = build_tiny_tokenizer(root / "tok")
+  config = tiny_config(len(tok))
+  params = meta.unbox(init_params(config, jax.random.key(0)))["params"]
+  chatrex_convert.save_checkpoint(params, config, root / "model", tokenizer=tok)
+  return root / "model"

@@ -1,7 +1,6 @@
 """`chatrex-jax eval`: metric subcommands on hand files, and a tiny-model end-to-end run."""
 import json
 
-from flax.core import meta
 import jax
 import numpy as np
 from PIL import Image
@@ -9,6 +8,7 @@ import pytest
 
 from chatrex_jax import cli
 from chatrex_jax.eval import main as eval_main
+from tests.builders import write_tiny_checkpoint
 
 A = [0, 0, 10, 10]
 
@@ -90,16 +90,7 @@ def test_refcoco_subcommand(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  from chatrex_jax.convert import chatrex as chatrex_convert
-  from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
-  from chatrex_jax.models.chatrex import init_params
-  from chatrex_jax.models.tiny import tiny_config
-  root = tmp_path_factory.mktemp("ckpt")
-  tok = build_tiny_tokenizer(root / "tok")
-  config = tiny_config(len(tok))
-  params = meta.unbox(init_params(config, jax.random.key(0)))["params"]
-  chatrex_convert.save_checkpoint(params, config, root / "model", tokenizer=tok)
-  return root / "model"
+  return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def test_end_to_end_run_on_tiny_model(tmp_path, checkpoint, capsys):

@@ -1,25 +1,15 @@
 """End-to-end inference: an official-layout checkpoint folder -> pipeline -> answer -> parsed boxes."""
-from flax.core import meta
-import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from chatrex_jax.convert import chatrex as chatrex_convert
-from chatrex_jax.data.tiny_tokenizer import build_tiny_tokenizer
 from chatrex_jax.inference.pipeline import ChatRexPipeline
-from chatrex_jax.models.chatrex import init_params
-from chatrex_jax.models.tiny import tiny_config
+from tests.builders import write_tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-  root = tmp_path_factory.mktemp("ckpt")
-  tok = build_tiny_tokenizer(root / "tok")
-  config = tiny_config(len(tok))
-  params = meta.unbox(init_params(config, jax.random.key(0)))["params"]
-  chatrex_convert.save_checkpoint(params, config, root / "model", tokenizer=tok)
-  return root / "model"
+  return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 def _image(seed, w, h):
