@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check-equivalence": ("chatrex_jax.tools.check_equivalence", "compare with golden fixtures"),
     "eval": ("chatrex_jax.eval.main", "evaluate a model on a benchmark"),
     "data-engine": ("data_engine.main", "build Rexverse-style records with the Beam pipeline"),
+    "aot": ("chatrex_jax.tools.aot", "compile the train step for a TPU topology: memory and FLOPs"),
 }
 
 

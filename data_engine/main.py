@@ -14,8 +14,10 @@ import json
 import sys
 
 from chatrex_jax.configs import load_config, split_overrides
+from chatrex_jax.errors import command
 
 
+@command("data-engine")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   beam_args: list[str] = []

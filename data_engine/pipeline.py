@@ -31,9 +31,14 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from chatrex_jax.data import schema
+from chatrex_jax.errors import UserError
 from data_engine import filters as filters_lib
 from data_engine import sources as sources_lib
 from data_engine import stages, writer
+
+
+class RunMismatchError(UserError, RuntimeError):
+  """--output holds a run made with another config or inputs."""
 
 ENGINE_VERSION = "data-engine-1"
 # config keys that do not change the output (excluded from the plan fingerprint)
@@ -205,7 +210,7 @@ def plan(cfg: dict[str, Any], out: str, refs: list[dict], overwrite: bool = Fals
       old = json.load(f)
     if old != new:
       diff = [k for k in new if old.get(k) != new[k]]
-      raise RuntimeError(f"{out} holds a run with a different {diff}; resume with the same "
+      raise RunMismatchError(f"{out} holds a run with a different {diff}; resume with the same "
                          "config and inputs, pick a new --output, or pass --overwrite")
   elif os.path.exists(path) and overwrite:
     for name in os.listdir(os.path.join(out, writer.STATE)):

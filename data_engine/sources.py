@@ -29,6 +29,7 @@ import json
 import os
 from typing import Any, Iterator
 
+from chatrex_jax.configs import ConfigError
 from chatrex_jax.data import schema
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -111,8 +112,8 @@ def list_items(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
       yield _ref(name, f"{seed}/{i}", {"kind": "synthetic", "seed": seed, "index": i,
                                        "params": params}, {"synthetic": True})
   else:
-    raise ValueError(f"source {name!r}: unknown kind {kind!r} (folder, files, bytes, jsonl, "
-                     "parquet, synthetic)")
+    raise ConfigError(f"source {name!r}: unknown kind {kind!r} (folder, files, bytes, jsonl, "
+                      "parquet, synthetic)")
 
 
 def _jsonable(v) -> bool:

@@ -22,8 +22,21 @@ from typing import Any, Iterable
 
 import ml_collections
 
+from chatrex_jax.errors import UserError
+
 _PACKAGE = __name__
 _HERE = pathlib.Path(__file__).parent
+
+
+class ConfigError(UserError, ValueError):
+  """A config that cannot be loaded, or an override that does not fit it."""
+
+
+class ConfigKeyError(UserError, KeyError):
+  """An override names a field the config does not have."""
+
+  def __str__(self) -> str:     # not KeyError's quoted repr
+    return str(self.args[0]) if self.args else ""
 
 
 def names() -> list[str]:
@@ -50,7 +63,7 @@ def load_config(spec: str, overrides: Iterable[str] = ()) -> ml_collections.Conf
   name, _, arg = str(spec).partition(":")
   module = _module(name)
   if not hasattr(module, "get_config"):
-    raise ValueError(f"config {name!r} has no get_config(arg) function")
+    raise ConfigError(f"config {name!r} has no get_config(arg) function")
   config = module.get_config(arg) if arg else module.get_config()
   apply_overrides(config, overrides)
   return config
@@ -78,11 +91,16 @@ def set_path(config, key: str, raw: str) -> None:
   node = config
   for i, p in enumerate(parents):
     if p not in node:
-      raise KeyError(f"config has no field {key!r} (no {'.'.join(parents[:i + 1])!r})")
+      raise ConfigKeyError(f"config has no field {key!r} (no {'.'.join(parents[:i + 1])!r})")
     node = node[p]
   if isinstance(node, ml_collections.ConfigDict) and leaf not in node:
-    raise KeyError(f"config has no field {key!r}; known at that level: {sorted(node.keys())}")
-  node[leaf] = parse_value(raw, node.get(leaf) if isinstance(node, dict) else node[leaf])
+    raise ConfigKeyError(f"config has no field {key!r}; known at that level: {sorted(node.keys())}")
+  old = node.get(leaf) if isinstance(node, dict) else node[leaf]
+  try:
+    node[leaf] = parse_value(raw, old)
+  except TypeError as e:   # ml_collections keeps a field's type
+    raise ConfigError(f"--config.{key}={raw}: the field is of type {type(old).__name__} "
+                      f"(now {old!r}); give a value of that type ({e})") from e
 
 
 def apply_overrides(config, overrides: Iterable[str]) -> None:
@@ -90,7 +108,7 @@ def apply_overrides(config, overrides: Iterable[str]) -> None:
   for item in overrides:
     key, sep, raw = item.removeprefix("--config.").partition("=")
     if not sep:
-      raise ValueError(f"override {item!r} is not KEY=VALUE")
+      raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. --config.optim.lr=1e-4)")
     set_path(config, key, raw)
 
 

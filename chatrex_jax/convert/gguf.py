@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
+from chatrex_jax.errors import UserError
+
 ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}  # GGUF general.architecture -> HF model_type
 
 # `{arch}.<key>` -> HF config field.
@@ -47,7 +49,7 @@ CONFIG_KEYS = {
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER_DEFINED = 1, 3, 4
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
   """A GGUF file this module cannot read, with what is wrong and what to do."""
 
 

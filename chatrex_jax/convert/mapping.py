@@ -21,6 +21,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from chatrex_jax.errors import UserError
+
 Array = np.ndarray
 Transform = Callable[[Array], Array]
 
@@ -92,7 +94,7 @@ class Rule:
     return (self.torch_key,) + tuple(self.aliases)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
   """Raised with every problem of one conversion listed at once."""
 
   def __init__(self, what: str, missing=(), unexpected=(), misshaped=(), other=()):

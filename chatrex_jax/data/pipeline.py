@@ -63,6 +63,7 @@ import numpy as np
 
 from chatrex_jax.data import merge, schema, tasks
 from chatrex_jax.data import records as records_lib
+from chatrex_jax.errors import UserError
 from chatrex_jax.protocol import image as image_protocol
 from chatrex_jax.protocol import templates, tokenize
 from chatrex_jax.protocol import tokens as C
@@ -76,7 +77,7 @@ META_KEYS = ("num_boxes", "task_id", "source_id", "record_index", "epoch")
 _PERF_KEYS = ("num_threads", "prefetch_buffer_size", "tokenizer_dir")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
   """A record the pipeline cannot use; the message names source, index, key and field."""
 
 

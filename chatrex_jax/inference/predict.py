@@ -34,26 +34,96 @@ import sys
 
 import numpy as np
 
+from chatrex_jax.errors import UserError, atomic_path, command
 from chatrex_jax.protocol import prompts
+from chatrex_jax.protocol import tokens as C
+
+BOXES_FORMAT = ('a JSON list of [x1, y1, x2, y2] (original-image pixels, x1 < x2, y1 < y2) or '
+                '{"boxes": [...], "scores": [...]} (scores optional)')
+
+
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def read_boxes(path) -> tuple[np.ndarray, np.ndarray | None]:
-  """A boxes file -> (boxes float64 [N, 4], scores float64 [N] or None)."""
-  data = json.loads(pathlib.Path(path).read_text())
+  """A boxes file -> (boxes float64 [N, 4], scores float64 [N] or None); a `UserError` naming
+  the file, the box and the fix for anything else than `BOXES_FORMAT`."""
+  where = f"--boxes {path}"
+  try:
+    data = json.loads(pathlib.Path(path).read_text())
+  except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    raise UserError(f"{where}: {e.strerror}; expected a file holding {BOXES_FORMAT}") from e
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise UserError(f"{where}: not JSON ({e}); expected {BOXES_FORMAT}") from e
   scores = None
   if isinstance(data, dict):
     if "boxes" not in data:
-      raise ValueError(f"{path}: a JSON object needs a 'boxes' field")
+      raise UserError(f"{where}: a JSON object needs a 'boxes' field; expected {BOXES_FORMAT}")
     scores = data.get("scores")
     data = data["boxes"]
-  boxes = np.asarray(data, np.float64).reshape(-1, 4) if len(data) else np.zeros((0, 4))
-  if not np.isfinite(boxes).all():
-    raise ValueError(f"{path}: non-finite box coordinates")
+  if not isinstance(data, list):
+    raise UserError(f"{where}: holds a {type(data).__name__}; expected {BOXES_FORMAT}")
+  for i, box in enumerate(data):
+    if not (isinstance(box, list) and len(box) == 4 and all(_number(v) for v in box)):
+      raise UserError(f"{where}: box {i} is {json.dumps(box)}; each box is four numbers "
+                      "[x1, y1, x2, y2] in original-image pixels")
+  boxes = np.asarray(data, np.float64).reshape(-1, 4)
+  bad = np.flatnonzero(~np.isfinite(boxes).all(-1))
+  if bad.size:
+    raise UserError(f"{where}: box {int(bad[0])} has non-finite coordinates "
+                    f"{boxes[bad[0]].tolist()}; give finite pixel coordinates")
+  bad = np.flatnonzero((boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1]))
+  if bad.size:
+    raise UserError(f"{where}: box {int(bad[0])} {boxes[bad[0]].tolist()} is inverted or empty "
+                    f"({bad.size} such box(es)); boxes are [x1, y1, x2, y2] with x1 < x2 and "
+                    "y1 < y2 (corners, not [x, y, width, height])")
   if scores is not None:
+    if not (isinstance(scores, list) and all(_number(v) for v in scores)
+            and len(scores) == len(boxes) and np.isfinite(np.asarray(scores, np.float64)).all()):
+      raise UserError(f"{where}: 'scores' must be {len(boxes)} finite numbers, one per box")
     scores = np.asarray(scores, np.float64).reshape(-1)
-    if scores.shape[0] != boxes.shape[0] or not np.isfinite(scores).all():
-      raise ValueError(f"{path}: 'scores' must be {boxes.shape[0]} finite numbers, one per box")
   return boxes, scores
+
+
+def report_boxes(boxes: np.ndarray, scores, width: int, height: int, max_objects: int) -> list[str]:
+  """The notes a user should see about their boxes: outside the image, more than the model has
+  object tags for."""
+  from chatrex_jax.protocol.image import select_boxes
+  notes = []
+  outside = (boxes[:, 0] < 0) | (boxes[:, 1] < 0) | (boxes[:, 2] > width) | (boxes[:, 3] > height)
+  if outside.any():
+    notes.append(f"{int(outside.sum())} box(es) extend outside the {width}x{height} image; kept "
+                 "unchanged, as the official processor does (no clipping)")
+  overflow = select_boxes(boxes, scores, max_objects).note()
+  if overflow:
+    notes.append(overflow)
+  return notes
+
+
+def check_output_paths(*paths) -> None:
+  """Output files go to existing folders (checked before any model runs)."""
+  for path in paths:
+    if path is None:
+      continue
+    p = pathlib.Path(path)
+    if p.is_dir():
+      raise UserError(f"output {path} is a folder; give a file name (e.g. {p / 'prediction.png'})")
+    if not p.absolute().parent.is_dir():
+      raise UserError(f"output {path}: folder {p.absolute().parent} does not exist; create it "
+                      "or write elsewhere")
+
+
+def check_checkpoint(path) -> None:
+  """A ChatRex checkpoint folder: exists, holds config.json."""
+  p = pathlib.Path(path)
+  if not p.is_dir():
+    raise UserError(f"--checkpoint {path}: {'not a folder' if p.exists() else 'does not exist'}; "
+                    "give a ChatRex checkpoint folder (config.json, safetensors, tokenizer), e.g. "
+                    "a demo's chatrex/stage3/export or `chatrex-jax convert chatrex` output")
+  if not (p / "config.json").is_file():
+    raise UserError(f"--checkpoint {path}: no config.json; give a ChatRex checkpoint folder "
+                    "(`chatrex-jax convert chatrex --from OFFICIAL --to DIR` writes one)")
 
 
 def upn_proposals(upn_path, image, prompt_type: str, min_score: float, nms: float, config: str = "large"):
@@ -82,6 +152,7 @@ def objects_from_query(task: str, query: str | None):
   return prompts.join_query(query)
 
 
+@command("predict")
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="chatrex-jax predict", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +188,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.raw_question and args.task != "chat":
     p.error("--raw-question applies to --task chat only")
+  check_output_paths(args.out, args.json)
   if not args.checkpoint:  # proposals only
     if not args.upn:
       p.error("give --checkpoint (ChatRex) and/or --upn (proposals only)")
@@ -138,6 +210,8 @@ def main(argv=None) -> int:
 
   from chatrex_jax.inference import visualize
   from chatrex_jax.protocol.image import load_image, select_boxes
+  check_checkpoint(args.checkpoint)
+  given = read_boxes(args.boxes) if args.boxes else None   # a bad file fails before any model loads
   image = Image.fromarray(load_image(args.image).rgb)
   scores = None
   if args.upn:
@@ -145,8 +219,10 @@ def main(argv=None) -> int:
     boxes, scores = upn_proposals(args.upn, image, prompt_type, args.min_score, args.nms,
                                   args.upn_config)
     print(f"UPN: {len(boxes)} proposals ({prompt_type}-grained prompt)", file=sys.stderr)
-  elif args.boxes:
-    boxes, scores = read_boxes(args.boxes)
+  elif given is not None:
+    boxes, scores = given
+    for note in report_boxes(boxes, scores, image.width, image.height, C.MAX_NUM_OBJECTS):
+      print(f"warning: {note}", file=sys.stderr)
   else:
     boxes = np.zeros((0, 4))
 
@@ -167,13 +243,16 @@ def main(argv=None) -> int:
   print(pred.answer)
   print(json.dumps(result["parsed"]))
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(result, indent=2))
+    with atomic_path(args.json) as tmp:
+      tmp.write_text(json.dumps(result, indent=2))
   boxes_drawn, labels = [], []
   for phrase in pred.parsed.phrases:
     for box in np.asarray(phrase.boxes).reshape(-1, 4):
       boxes_drawn.append(box)
       labels.append(phrase.phrase)
-  visualize.draw_boxes(image, np.asarray(boxes_drawn).reshape(-1, 4), labels=labels).save(args.out)
+  drawn = visualize.draw_boxes(image, np.asarray(boxes_drawn).reshape(-1, 4), labels=labels)
+  with atomic_path(args.out) as tmp:
+    drawn.save(tmp, format="PNG")
   print(f"wrote {args.out}", file=sys.stderr)
   return 0
 

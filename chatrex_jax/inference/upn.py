@@ -50,9 +50,16 @@ def resize_size(w: int, h: int, size: int = 800, max_size: int | None = 1333) ->
 def load_image(image: str | pathlib.Path | Image.Image | np.ndarray) -> Image.Image:
   """A path, PIL image or uint8 HWC array -> RGB PIL image."""
   if isinstance(image, (str, pathlib.Path)):
-    with Image.open(image) as im:
-      im.load()
-      image = im.copy()
+    from chatrex_jax.protocol.image import ImageInputError
+    try:
+      with Image.open(image) as im:
+        im.load()
+        image = im.copy()
+    except FileNotFoundError as e:
+      raise ImageInputError(f"image {str(image)!r}: file not found; check the path") from e
+    except OSError as e:   # not an image, truncated, a folder
+      raise ImageInputError(f"image {str(image)!r}: not a readable image ({e}); give a complete "
+                            "image file PIL can open (JPEG, PNG, WebP, ...)") from e
   elif isinstance(image, np.ndarray):
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
       raise ValueError(f"array images must be uint8 HW or HWC, got {image.dtype} {image.shape}")

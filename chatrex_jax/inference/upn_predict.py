@@ -12,6 +12,8 @@ import argparse
 import json
 import sys
 
+from chatrex_jax.errors import atomic_path
+
 
 def load_config(spec: str):
   """'large' | 'tiny' (the packaged upn_large / upn_tiny) | NAME[:ARG] | FILE[:ARG] -> UPNConfig."""
@@ -40,14 +42,15 @@ def main(argv: list[str] | None = None) -> int:
   from chatrex_jax.inference.upn import UPNPredictor, load_image
   from chatrex_jax.inference.visualize import draw_boxes
   config = load_config(args.config)
+  image = load_image(args.image)            # a bad image fails before the checkpoint loads
   upn = UPNPredictor.from_checkpoint(args.upn, config, size=args.short_side, max_size=args.max_size)
-  image = load_image(args.image)
   result = upn([image], args.prompt_type)
   kept = upn.filter(result, args.min_score, args.nms if args.nms > 0 else None)[0]
   print(json.dumps({"image": str(args.image), "prompt_type": args.prompt_type,
                     "boxes": kept.boxes.tolist(), "scores": [float(s) for s in kept.scores]}))
   if args.out:
-    draw_boxes(image, kept.boxes, scores=kept.scores).save(args.out)
+    with atomic_path(args.out) as tmp:
+      draw_boxes(image, kept.boxes, scores=kept.scores).save(tmp, format="PNG")
     print(f"wrote {args.out} ({len(kept.boxes)} boxes)", file=sys.stderr)
   return 0
 

@@ -61,6 +61,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from chatrex_jax.errors import UserError
 from chatrex_jax.ops import boxes as box_ops
 from chatrex_jax.protocol import tokens as C
 
@@ -74,7 +75,7 @@ NUM_IMAGE_TOKENS = 576
 ImageInput = Any  # str | os.PathLike | PIL.Image.Image | np.ndarray (H, W[, C]) uint8/uint16
 
 
-class ImageInputError(ValueError):
+class ImageInputError(UserError, ValueError):
   """An image the processor refuses, with the reason."""
 
 
@@ -160,11 +161,12 @@ def load_image(image: ImageInput, *, exif_transpose: bool = False) -> LoadedImag
         img = f.copy()
         img.info.update(f.info)
     except FileNotFoundError as e:
-      raise ImageInputError(f"{what}: file not found") from e
+      raise ImageInputError(f"{what}: file not found; check the path") from e
     except Image.DecompressionBombError as e:
       raise ImageInputError(f"{what}: {e}") from e
     except OSError as e:
-      raise ImageInputError(f"{what}: not a readable image ({e})") from e
+      raise ImageInputError(f"{what}: not a readable image ({e}); give a complete image file "
+                            "PIL can open (JPEG, PNG, WebP, ...)") from e
   elif isinstance(image, Image.Image):
     what, img = f"PIL image {image.size} mode {image.mode}", image
   elif isinstance(image, np.ndarray):

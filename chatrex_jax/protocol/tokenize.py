@@ -11,13 +11,17 @@
 """
 from __future__ import annotations
 
+import pathlib
 import re
 from typing import Sequence
 
 import numpy as np
 
+from chatrex_jax.errors import UserError
 from chatrex_jax.protocol import tokens as C
 from chatrex_jax.protocol.templates import EOS_CHUNK, ChatTemplate, apply_template, conversation_chunks, detect_template
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
 def load_tokenizer(path):
@@ -26,6 +30,11 @@ def load_tokenizer(path):
   slow class (`llama_tokenizer.SentencePieceLlamaTokenizer`; transformers 5's converted one
   encodes ChatRex prompts differently), any other with `AutoTokenizer` (local files only)."""
   from chatrex_jax.protocol import llama_tokenizer
+  folder = pathlib.Path(path)
+  if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
+    raise UserError(f"{path}: {'no tokenizer files' if folder.is_dir() else 'no such folder'} "
+                    f"(expected one of {', '.join(TOKENIZER_FILES)}); give the checkpoint or "
+                    "tokenizer folder (a converted checkpoint carries its tokenizer)")
   if llama_tokenizer.is_sentencepiece_llama(path):
     return llama_tokenizer.SentencePieceLlamaTokenizer.from_pretrained(path)
   from transformers import AutoTokenizer

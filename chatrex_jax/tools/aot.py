@@ -54,6 +54,7 @@ import time
 from typing import Optional
 
 from chatrex_jax.configs import apply_overrides, load_config, split_overrides
+from chatrex_jax.errors import UserError, command
 
 GIB = 1024 ** 3
 
@@ -84,8 +85,12 @@ QUICK_OVERRIDES = ("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_si
 QUICK_VOCAB = 256
 
 
-class AOTError(RuntimeError):
+class AOTError(UserError, RuntimeError):
   """A configuration that cannot be checked on the target (e.g. no devices for it)."""
+
+
+class TopologyError(UserError, ValueError):
+  """A topology name this tool does not know."""
 
 
 OPT_STATE_REPLICATED = (
@@ -116,15 +121,15 @@ def parse_topology(name: str) -> Target:
     return Target(name, "tpu", math.prod(int(s) for s in shape.split("x")), f"{gen}:{shape}", hbm)
   m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
   if not m:
-    raise ValueError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, v6e-256, "
+    raise TopologyError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, v6e-256, "
                      "v5p:4x4x8 or cpu:8")
   gen, count = m.group(1), int(m.group(2))
   prefix, cores_per_device, table, hbm = _GENERATIONS[gen]
   if count % cores_per_device:
-    raise ValueError(f"{name}: {gen}-N counts TensorCores ({cores_per_device} per chip); N must be even")
+    raise TopologyError(f"{name}: {gen}-N counts TensorCores ({cores_per_device} per chip); N must be even")
   chips = count // cores_per_device
   if chips not in table:
-    raise ValueError(f"{name}: {chips} chips has no standard slice topology; known chip counts "
+    raise TopologyError(f"{name}: {chips} chips has no standard slice topology; known chip counts "
                      f"{sorted(table)} (or pass a libtpu name like {prefix}:AxBxC)")
   return Target(name, "tpu", chips, f"{prefix}:{table[chips]}", hbm)
 
@@ -153,18 +158,10 @@ def _rules(config):
 
 
 def _mesh_sizes(config, num_devices: int) -> dict:
-  """config.mesh with -1 resolved for `num_devices` (same arithmetic as sharding.make_mesh)."""
+  """config.mesh with -1 resolved for `num_devices` (`sharding.mesh_sizes`)."""
+  from chatrex_jax.train.sharding import mesh_sizes
   m = config.mesh
-  sizes = [int(m.get("data", 1)), int(m.get("fsdp", -1)), int(m.get("tensor", 1))]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if num_devices % known:
-      raise ValueError(f"{num_devices} devices cannot be split into {sizes}")
-    sizes[sizes.index(-1)] = num_devices // known
-  if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {sizes} needs {math.prod(sizes)} devices, the target has {num_devices}")
+  sizes = mesh_sizes(m.get("data", 1), m.get("fsdp", -1), m.get("tensor", 1), num_devices)
   return dict(zip(("data", "fsdp", "tensor"), sizes))
 
 
@@ -604,6 +601,7 @@ def _parse(argv):
   return p
 
 
+@command("aot")
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   argv, overrides = split_overrides(argv)

@@ -19,6 +19,8 @@ import pathlib
 import sys
 import traceback
 
+from chatrex_jax.errors import UserError, command
+
 
 def check(path: pathlib.Path, out=None) -> bool:
   out = out or sys.stdout
@@ -58,6 +60,7 @@ def check(path: pathlib.Path, out=None) -> bool:
   return True
 
 
+@command("check-equivalence")
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(prog="check_equivalence", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +81,13 @@ def main(argv=None) -> int:
     if not fixtures:
       print(f"check_equivalence: no fixture folders in {root}", file=sys.stderr)
       return 2
+  for path in fixtures:
+    if not path.exists():
+      raise UserError(f"{path}: no such fixture folder; give golden fixture folders (each with a "
+                      "meta.json), or none for every one in tests/golden")
+    if path.is_dir() and not (path / "meta.json").is_file():
+      raise UserError(f"{path}: not a golden fixture folder (no meta.json); fixtures are the "
+                      "folders of tests/golden")
   ok = True
   for path in fixtures:
     if path.is_file():  # e.g. the README that `golden/*` also matches: not a fixture

@@ -38,13 +38,15 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from chatrex_jax.errors import UserError, command
+
 FLAX_FORMAT = "chatrex-jax-flax"   # same tag as chatrex_jax.convert.llm.FLAX_FORMAT
 ORBAX_PARAMS = "params"            # sub-folder of a ChatRex Orbax params dir
 # Files a checkpoint folder carries that are rewritten, never copied verbatim.
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pth", ".pt")
 
 
-class UsageError(Exception):
+class UsageError(UserError):
   """A user mistake (wrong path, format or option): reported in one line, exit code 2."""
 
 
@@ -554,6 +556,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+@command("convert")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   from chatrex_jax.configs import split_overrides

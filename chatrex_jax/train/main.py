@@ -12,7 +12,8 @@ import os
 import pathlib
 import sys
 
-from chatrex_jax.configs import load_config, split_overrides
+from chatrex_jax.configs import ConfigError, load_config, split_overrides
+from chatrex_jax.errors import command
 
 
 def maybe_initialize_distributed(force: bool = False):
@@ -29,9 +30,10 @@ def build_task(config):
   if config.task == "upn":
     from chatrex_jax.train.upn_task import UPNTask
     return UPNTask(config)
-  raise ValueError(f"unknown config.task {config.task!r} (chatrex | upn)")
+  raise ConfigError(f"unknown config.task {config.task!r} (chatrex | upn)")
 
 
+@command("train")
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   argv, overrides = split_overrides(argv)

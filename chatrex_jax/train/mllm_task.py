@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.configs import ConfigError
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, example_batch
 from chatrex_jax.models.clip_vit import CLIPVisionConfig
 from chatrex_jax.models.convnext import ConvNeXtConfig
@@ -35,7 +36,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
                   train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
   if not model_cfg.get("llm"):
     if not model_cfg.get("init_from"):
-      raise ValueError("model.llm is empty and model.init_from is not set: give the LLM sizes, or "
+      raise ConfigError("model.llm is empty and model.init_from is not set: give the LLM sizes, or "
                        "a checkpoint to take the architecture from")
     from chatrex_jax.convert import chatrex as chatrex_convert
     config = chatrex_convert.read_config(model_cfg.init_from)
@@ -47,7 +48,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   llm_hf = dict(model_cfg.llm)
   if not llm_hf.get("vocab_size"):
     if vocab_size is None:
-      raise ValueError("model.llm.vocab_size is 0 (take it from the tokenizer) but no tokenizer "
+      raise ConfigError("model.llm.vocab_size is 0 (take it from the tokenizer) but no tokenizer "
                        "was given: set data.tokenizer_dir")
     llm_hf["vocab_size"] = vocab_size
   llm = LLMConfig.from_hf(llm_hf, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
@@ -94,7 +95,7 @@ class ChatRexTask:
       vocab = len(self.tokenizer)
     self.model_config = model_config(config.model, vocab)
     if self.tokenizer is not None and len(self.tokenizer) > self.model_config.llm.vocab_size:
-      raise ValueError(f"tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary is "
+      raise ConfigError(f"tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary is "
                        f"{self.model_config.llm.vocab_size}: resize with convert.llm.resize_vocab")
     self.model = ChatRex(self.model_config)
     self.stage = config.stage
@@ -134,7 +135,7 @@ class ChatRexTask:
     diff = [f"{f}: checkpoint {getattr(found.llm, f)!r}, config {getattr(want, f)!r}"
             for f in fields if getattr(found.llm, f) != getattr(want, f)]
     if diff:
-      raise ValueError(f"model.init_from={path} holds another LLM than model.llm: " + "; ".join(diff)
+      raise ConfigError(f"model.init_from={path} holds another LLM than model.llm: " + "; ".join(diff)
                        + ". Use the config of its base (chatrex_jax/configs/chatrex_7b.py:STAGE,vicuna for the "
                        "released ChatRex-7B) or leave model.llm empty to take the checkpoint's")
     config, params, _ = chatrex_convert.load_checkpoint(path)

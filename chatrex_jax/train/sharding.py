@@ -13,6 +13,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from chatrex_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Pure FSDP: parameters sharded along their embed (or vocab) axis over `fsdp`, activations
@@ -38,21 +40,32 @@ FSDP_RULES: tuple[tuple[str, object], ...] = (
 )
 
 
+class MeshError(UserError, ValueError):
+  """`mesh` settings that do not fit the devices."""
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, num_devices: int) -> list[int]:
+  """[data, fsdp, tensor] with the one -1 axis resolved for `num_devices`."""
+  sizes = [int(data), int(fsdp), int(tensor)]
+  fix = "set mesh.data / mesh.fsdp / mesh.tensor (--config.mesh.KEY=N) to a split of the devices"
+  if sizes.count(-1) > 1:
+    raise MeshError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}; {fix}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise MeshError(f"{num_devices} devices cannot be split into {sizes}; {fix}")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                    f"{num_devices} available; {fix}")
+  return sizes
+
+
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh over `devices` (default: all)."""
   devices = list(devices if devices is not None else jax.devices())
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot be split into {sizes}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"{len(devices)} available")
+  sizes = mesh_sizes(data, fsdp, tensor, len(devices))
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.configs import ConfigError
 from chatrex_jax.train import checkpoint as ckpt_lib
 from chatrex_jax.train import metrics as metrics_lib
 from chatrex_jax.train import optimizer as opt_lib
@@ -54,7 +55,7 @@ class TrainState:
 def _microbatches(batch, n: int):
   def split(x):
     if x.shape[0] % n:
-      raise ValueError(f"global batch {x.shape[0]} is not divisible by grad_accum={n}")
+      raise ConfigError(f"global batch {x.shape[0]} is not divisible by grad_accum={n}")
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
   return jax.tree.map(split, batch)
 
@@ -189,7 +190,7 @@ class Trainer:
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
     n = next(iter(local.values())).shape[0] * jax.process_count()
     if n % shards:
-      raise ValueError(f"global batch {n} is not divisible by the data x fsdp mesh size {shards}: "
+      raise ConfigError(f"global batch {n} is not divisible by the data x fsdp mesh size {shards}: "
                        "change data.batch_size or mesh.data / mesh.fsdp")
 
     def put(x):
