@@ -211,8 +211,6 @@ def _train(config, task, workdir: pathlib.Path, progress: bool):
 
   from chatrex_jax.inference.upn_export import load_trained_params
   from chatrex_jax.train.trainer import Trainer
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   trainer = Trainer(config, task, workdir, devices=jax.devices()[:1])
   result = trainer.train(progress=progress)
   history = [{"step": h["step"], "loss": h["loss"]} for h in result.history]

@@ -360,7 +360,6 @@ def main(argv: list[str] | None = None) -> int:
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.time()
   tokenizer = build_tokenizer(workdir / "tokenizer", config)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
   task = TinyLLMTask(config, tokenizer)
   result = Trainer(config, task, workdir, devices=jax.devices()[:1]).train(progress=not args.no_progress)
   params = load_trained_params(workdir)

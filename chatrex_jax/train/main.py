@@ -50,9 +50,7 @@ def main(argv=None) -> int:
   config = load_config(args.config, overrides)
   from chatrex_jax.train.trainer import Trainer
   workdir = pathlib.Path(args.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  trainer = Trainer(config, build_task(config), workdir)
+  trainer = Trainer(config, build_task(config), workdir)   # writes workdir/config.json
   result = trainer.train(max_steps_this_run=args.max_steps_this_run)
   last = result.history[-1] if result.history else {}
   print(f"stopped at step {result.step} ({result.stopped_by}); last loss {last.get('loss', float('nan')):.4f}")

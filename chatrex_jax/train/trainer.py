@@ -17,7 +17,9 @@ Gradient accumulation splits the global batch into `grad_accum` micro-batches sc
 one step; the loss is sum(loss_sum) / sum(denominator) over the whole batch, so accumulation
 does not change the result. A non-finite loss or gradient norm stops training with a clear
 message before anything is saved: the last good checkpoint stays intact. SIGTERM
-(preemption) saves a final checkpoint and exits cleanly.
+(preemption) saves a final checkpoint and exits cleanly. The run's config is saved as
+workdir/config.json once its data has opened (`chatrex-jax convert export` reads it), so a
+config refused earlier leaves no file behind.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.configs import ConfigError
+from chatrex_jax.errors import atomic_path
 from chatrex_jax.train import checkpoint as ckpt_lib
 from chatrex_jax.train import metrics as metrics_lib
 from chatrex_jax.train import optimizer as opt_lib
@@ -204,6 +207,9 @@ class Trainer:
     total = int(cfg.optim.total_steps)
     state = self.init_state()
     data = self.task.make_data(jax.process_index(), jax.process_count())
+    if jax.process_index() == 0:
+      with atomic_path(self.workdir / "config.json") as tmp:
+        tmp.write_text(cfg.to_json_best_effort(indent=2))
     ckpt = ckpt_lib.Checkpointer(self.workdir / "checkpoints", keep=tcfg.get("keep_checkpoints", 3),
                                  async_save=tcfg.get("async_checkpointing", True))
     start = ckpt.latest_step()
