@@ -1,9 +1,15 @@
 """End-to-end inference: an official-layout checkpoint folder -> pipeline -> answer -> parsed boxes."""
+import dataclasses
+
 import numpy as np
 from PIL import Image
 import pytest
 
+from chatrex_jax import testing
+from chatrex_jax.inference.generate import SamplingConfig, generate
 from chatrex_jax.inference.pipeline import ChatRexPipeline
+from chatrex_jax.models.chatrex import ChatRex
+from chatrex_jax.protocol import prompts
 from tests.builders import write_tiny_checkpoint
 
 
@@ -12,22 +18,62 @@ def checkpoint(tmp_path_factory):
   return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+  return ChatRexPipeline.from_checkpoint(checkpoint)
+
+
 def _image(seed, w, h):
   rng = np.random.default_rng(seed)
   return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
 
-def test_pipeline_answers_and_parses_every_task(checkpoint):
+# Every task of `protocol.prompts.TASK_NAMES`, with the arguments its prompt takes.
+TASK_RUNS = (("detect", {"objects": "person; pigeon"}),
+             ("refer", {"objects": "the man on the left"}),
+             ("region_caption", {"objects": [1], "granularity": "brief"}),
+             ("grounded_caption", {"granularity": "detailed"}),
+             ("count", {"objects": "pigeon"}),
+             ("chat", {"text": "What is in the image?"}))
+BOXES = np.asarray([[5, 5, 40, 30], [20, 10, 90, 60], [0, 0, 10, 10]], np.float32)
+
+
+def test_every_task_has_a_run():
+  assert sorted(t for t, _ in TASK_RUNS) == sorted(prompts.TASK_NAMES)
+
+
+@pytest.mark.parametrize("task,kw", TASK_RUNS, ids=[t for t, _ in TASK_RUNS])
+def test_pipeline_answers_and_parses_every_task(pipe, task, kw):
+  out = pipe.run(_image(0, 100, 70), task, boxes=BOXES, max_new_tokens=6, **kw)
+  assert out.question == prompts.question(task, kw.get("objects"), granularity=kw.get("granularity"),
+                                          text=kw.get("text"))
+  assert out.question in out.prompt
+  assert out.answer and isinstance(out.answer, str)
+  np.testing.assert_array_equal(out.boxes, BOXES)
+  assert out.to_dict()["question"] == out.question
+
+
+@pytest.mark.parametrize("task,kw", TASK_RUNS, ids=[t for t, _ in TASK_RUNS])
+def test_generation_equals_teacher_forced_model(pipe, task, kw):
+  """The pipeline's cached, left-aligned decoding step by step == one `ChatRex.__call__` over
+  prompt + generated answer (right-padded, no cache): same logits at every answer position."""
   pipe = ChatRexPipeline.from_checkpoint(checkpoint)
-  boxes = np.asarray([[5, 5, 40, 30], [20, 10, 90, 60], [0, 0, 10, 10]], np.float32)
-  for task, kw in (("detect", {"objects": "person; pigeon"}),
-                   ("region_caption", {"objects": [1], "granularity": "brief"}),
-                   ("grounded_caption", {"granularity": "detailed"}),
-                   ("chat", {"text": "What is in the image?"})):
-    out = pipe.run(_image(0, 100, 70), task, boxes=boxes, max_new_tokens=6, **kw)
-    assert isinstance(out.answer, str)
-    assert out.boxes.shape == (3, 4)
-    assert out.to_dict()["question"] == out.question
+  question = prompts.question(task, kw.get("objects"), granularity=kw.get("granularity"),
+                              text=kw.get("text"))
+  sample = pipe.processor.process(_image(3, 90, 75), question, BOXES)
+  n = 8
+  sampling = SamplingConfig(max_new_tokens=n, return_logits=True, eos_ids=())
+  batch = pipe.prepare([sample])
+  embeds = pipe.model.apply({"params": pipe.params}, batch, method=ChatRex.embed_inputs)[0]
+  out = generate(pipe.model.llm_module, pipe.params["llm"], inputs_embeds=embeds,
+                 attention_mask=batch["attention_mask"], sampling=sampling)
+  answer = out.tokens[0, :n]
+  forced = dataclasses.replace(sample, input_ids=np.concatenate([sample.input_ids, answer]))
+  full = pipe.model.apply({"params": pipe.params}, pipe.prepare([forced]))["logits"][0]
+  start = int(batch["attention_mask"][0].sum()) - 1   # the prompt's last position: answer token 0
+  want = np.asarray(full[start:start + n])
+  testing.assert_close_to_scale(out.step_logits[:, 0], want, 1e-4, f"{task} decoding logits")
+  np.testing.assert_array_equal(answer, want.argmax(-1))
 
 
 def test_batched_run_equals_single_runs(checkpoint):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.models import layers
 from chatrex_jax.models.layers import Projection
 
 Dtype = Any
@@ -125,11 +126,7 @@ def _dense(features, axes, cfg: CLIPVisionConfig, name: str) -> nn.Dense:
 
 
 def _layer_norm(cfg: CLIPVisionConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=cfg.layer_norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
-      use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+  return layers.layer_norm(cfg.layer_norm_eps, cfg.param_dtype, name)
 
 
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.models import layers
+
 Dtype = Any
 
 
@@ -106,11 +108,7 @@ class ConvNeXtConfig:
 
 
 def _layer_norm(cfg: ConvNeXtConfig, name: str) -> nn.LayerNorm:
-  return nn.LayerNorm(
-      epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=cfg.param_dtype,
-      use_fast_variance=False, name=name,
-      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+  return layers.layer_norm(cfg.norm_eps, cfg.param_dtype, name)
 
 
 def _trunc_normal(std=0.02):

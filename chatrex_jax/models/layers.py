@@ -1,5 +1,8 @@
 """Shared layers.
 
+`layer_norm` is the vision towers' LayerNorm: fp32 statistics (two-pass variance, as PyTorch)
+whatever the compute dtype, with its parameters on the logical "norm" axis.
+
 `Projection` is a DenseGeneral whose kernel is created at its full multi-dimensional shape
 with its logical axis names. Flax's `nn.DenseGeneral` initialises a flat 2-d kernel and
 reshapes the boxed value, which applies a rank-3 sharding constraint to a rank-2 array as
@@ -61,3 +64,11 @@ class Projection(nn.Module):
                         features, self.param_dtype)
       y = y + bias.astype(y.dtype)
     return y
+
+
+def layer_norm(eps: float, param_dtype: Any, name: str) -> nn.LayerNorm:
+  """nn.LayerNorm computing in fp32 with scale / bias on the logical axis "norm"."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=jnp.float32, param_dtype=param_dtype, use_fast_variance=False, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
