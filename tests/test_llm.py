@@ -152,6 +152,24 @@ def test_logical_axis_names_on_every_parameter():
     assert len(leaf.names) == leaf.value.ndim
 
 
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_initializer_range_sets_every_matrix_init_and_round_trips(std):
+  """HF's `initializer_range`: the std of every matrix's normal init (norm scales stay 1), read
+  from and written to config.json."""
+  config = LLMConfig(**dict(BASE, vocab_size=512, hidden_size=128, intermediate_size=256,
+                            num_attention_heads=4, num_key_value_heads=2), initializer_range=std)
+  params = nn.unbox(CausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):   # RMSNorm
+      np.testing.assert_array_equal(leaf, 1.0)
+    elif "bias" not in name:
+      assert abs(float(np.std(leaf)) - std) < 0.1 * std, (name, float(np.std(leaf)))
+  assert LLMConfig.from_hf(config.to_hf()).initializer_range == std
+  assert LLMConfig.from_hf({k: v for k, v in config.to_hf().items() if k != "initializer_range"}
+                           ).initializer_range == 0.02   # HF's default
+
+
 def test_fsdp_sharded_forward_equals_unsharded(n_devices, highest_precision):
   assert n_devices == 8, "conftest must give JAX 8 CPU devices"
   config = LLMConfig(**dict(BASE, hidden_size=128, num_attention_heads=8, num_key_value_heads=4))
