@@ -57,7 +57,6 @@ def test_pipeline_answers_and_parses_every_task(pipe, task, kw):
 def test_generation_equals_teacher_forced_model(pipe, task, kw):
   """The pipeline's cached, left-aligned decoding step by step == one `ChatRex.__call__` over
   prompt + generated answer (right-padded, no cache): same logits at every answer position."""
-  pipe = ChatRexPipeline.from_checkpoint(checkpoint)
   question = prompts.question(task, kw.get("objects"), granularity=kw.get("granularity"),
                               text=kw.get("text"))
   sample = pipe.processor.process(_image(3, 90, 75), question, BOXES)
