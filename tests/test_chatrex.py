@@ -113,3 +113,25 @@ def test_frozen_aux_tower_gets_no_gradient(golden):
     assert norm(grads[name]) > 0, name
   trainable = dataclasses.replace(config, train_vision_tower_aux=True)
   assert norm(jax.grad(loss_fn)(params, trainable)["vision_tower_aux"]) > 0
+
+
+def test_from_dict_is_the_one_constructor_of_model_configs():
+  """A training config's model section, models.tiny and a params dir's config.json all build
+  their ChatRexConfig through ChatRexConfig.from_dict, and agree."""
+  import json
+
+  from chatrex_jax.configs import load_config
+  from chatrex_jax.models import tiny
+  from chatrex_jax.models.chatrex import ChatRexConfig
+  from chatrex_jax.train.mllm_task import model_config
+  cfg = load_config("chatrex_tiny", ["model.train_vision_tower=True"])
+  assert model_config(cfg.model, vocab_size=300) == tiny.tiny_config(300)
+  for family in ("qwen2", "llama"):
+    config = tiny.tiny_config(300, family=family)
+    on_disk = json.loads(json.dumps(chatrex_convert.config_to_json(config)))
+    assert chatrex_convert.config_from_json(on_disk) == config
+  sizes = dict(llm=tiny.llm_hf(300), clip=tiny.CLIP, convnext=tiny.CONVNEXT)
+  with pytest.raises(ValueError, match=r"unknown ChatRexConfig fields \['aux_size'\]"):
+    ChatRexConfig.from_dict(dict(sizes, aux_size=128))
+  with pytest.raises(ValueError, match=r"lack \['convnext'\]"):
+    ChatRexConfig.from_dict({k: v for k, v in sizes.items() if k != "convnext"})

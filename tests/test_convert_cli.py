@@ -126,7 +126,7 @@ def test_chatrex_official_to_orbax_and_back_is_bit_identical(chatrex_official, t
   assert (tmp_path / "orbax" / "params").is_dir() and (tmp_path / "orbax" / "special_tokens_map.json").exists()
   assert f"{len(mapping.flatten(params))} tensors" in out and "-> Orbax params" in out
   assert_same_tree(convert.load_orbax_params(tmp_path / "orbax" / "params"), params)
-  assert convert.chatrex_config_from_json(json.loads((tmp_path / "orbax" / "config.json").read_text())) == config
+  assert chatrex_convert.config_from_json(json.loads((tmp_path / "orbax" / "config.json").read_text())) == config
 
   code, out, err = run(["chatrex", "--from", tmp_path / "orbax", "--to", tmp_path / "official"], capsys)
   assert code == 0, err
@@ -224,13 +224,12 @@ def test_export_chatrex_workdir_to_a_predict_ready_folder(tmp_path, capsys):
 
 def test_export_upn_workdir_with_its_saved_config(tmp_path, capsys):
   from chatrex_jax.configs import load_config
-  from chatrex_jax.models.upn.upn import UPNConfig
-  from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
+  from chatrex_jax.train.upn_task import model_config as upn_model_config
   cfg = load_config("upn_train_tiny")
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2))  # as `chatrex-jax train` does
-  model = UPNConfig.from_config_dict({k: v for k, v in dict(cfg.model).items() if k not in TASK_MODEL_KEYS})
+  model = upn_model_config(cfg.model)
   params = random_like(upn_convert.abstract_params(model), seed=6)
   _save_train_state(workdir, params, {}, step=5)
 

@@ -128,6 +128,30 @@ def config_to_hf(config: ChatRexConfig) -> dict:
   return out
 
 
+def config_to_json(config: ChatRexConfig) -> dict:
+  """`config_to_hf` plus every vision-tower size and the LLM family: the config.json of an Orbax
+  params dir, self-describing without torch tensors to read shapes from."""
+  hf = config_to_hf(config)
+  hf["llm_family"] = config.llm.family
+  hf["vision_config"].update(num_channels=config.clip.num_channels,
+                             select_layer=config.clip.select_layer,
+                             select_feature=config.clip.select_feature)
+  hf["convnext_config"].update(in_chans=config.convnext.in_chans, patch_size=config.convnext.patch_size,
+                               kernel_size=config.convnext.kernel_size)
+  return hf
+
+
+def config_from_json(hf: Mapping) -> ChatRexConfig:
+  """Inverse of `config_to_json` (a ValueError when the tower sizes are not there)."""
+  if "vision_config" not in hf or "convnext_config" not in hf:
+    raise ValueError("config.json lacks vision_config / convnext_config: this is not a params dir "
+                     "written by `chatrex-jax convert chatrex --format orbax`")
+  llm = {k: v for k, v in hf.items() if k not in ("llm_family", "vision_config", "convnext_config")}
+  return ChatRexConfig.from_dict(dict(llm=llm, clip=hf["vision_config"], convnext=hf["convnext_config"],
+                                      aux_image_size=int(hf["aux_image_size"]),
+                                      llm_family=hf.get("llm_family")))
+
+
 # ----------------------------------------------------------------------------- conversion
 
 def from_torch_state(state: Mapping[str, np.ndarray], config: ChatRexConfig, *, layout: str | None = None,

@@ -157,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--tag", default="", help="provenance tag (default: the --params name)")
   args = p.parse_args(argv)
   from chatrex_jax.models.upn.upn import UPNConfig
-  from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
+  from chatrex_jax.train.upn_task import model_config as upn_model_config
   config = None
   if args.config:
     from chatrex_jax.configs import load_config
     model = load_config(args.config).model
-    config = UPNConfig.from_config_dict({k: v for k, v in dict(model).items() if k not in TASK_MODEL_KEYS})
+    config = upn_model_config(model)
   if os.path.isdir(args.params):
     if config is None:
       raise ValueError("--params is a training workdir: give --config with its model section")

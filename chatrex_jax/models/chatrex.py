@@ -48,6 +48,34 @@ class ChatRexConfig:
   train_vision_tower: bool = True
   train_vision_tower_aux: bool = False
 
+  @classmethod
+  def from_dict(cls, sizes: Mapping, *, dtype=None, scan_layers: bool = False,
+                remat_policy: str = "none") -> "ChatRexConfig":
+    """The one constructor from plain data (a training config's `model` sizes, a params dir's
+    config.json, a golden fixture):
+
+      {"llm": HF config.json dict, "clip": CLIPVisionConfig fields or a HF CLIP vision dict,
+       "convnext": ConvNeXtConfig fields, "aux_image_size": int, any other field by name,
+       "llm_family": optional, where no tensors are at hand to tell the family by}
+
+    dtype, scan_layers, remat_policy say how to compute, not what is stored (None dtype: each
+    config's default)."""
+    d = dict(sizes)
+    missing = [k for k in ("llm", "clip", "convnext") if k not in d]
+    if missing:
+      raise ValueError(f"model sizes lack {missing}: give the LLM (HF config dict), clip and convnext")
+    compute = {} if dtype is None else {"dtype": dtype}
+    family = d.pop("llm_family", None)
+    llm = LLMConfig.from_hf(dict(d.pop("llm")), scan_layers=scan_layers, remat_policy=remat_policy,
+                            **({"family": family} if family else {}), **compute)
+    clip = CLIPVisionConfig.from_hf(d.pop("clip"), remat=remat_policy != "none", **compute)
+    convnext = ConvNeXtConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in dict(d.pop("convnext")).items()}, **compute)
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown ChatRexConfig fields {unknown}")
+    return cls(llm=llm, clip=clip, convnext=convnext, **d)
+
   @property
   def spatial_scale(self) -> float:
     """Level-0 ConvNeXt cells per aux-image pixel (192 / 768 = 0.25)."""

@@ -8,10 +8,9 @@ biases, RoPE theta 1e6 and RMS eps 1e-6; LLaMA (Vicuna, the release) none, 1e4 a
 """
 from __future__ import annotations
 
+import dataclasses
+
 from chatrex_jax.models.chatrex import ChatRexConfig
-from chatrex_jax.models.clip_vit import CLIPVisionConfig
-from chatrex_jax.models.convnext import ConvNeXtConfig
-from chatrex_jax.models.llm import LLMConfig
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
             image_size=56, patch_size=14, select_layer=-2)
@@ -36,11 +35,9 @@ def tiny_config(vocab_size: int, *, family: str = "qwen2", hidden: int = 64, lay
                 clip_image_size: int = CLIP["image_size"], aux_image_size: int = AUX_IMAGE_SIZE,
                 **llm_overrides) -> ChatRexConfig:
   """ChatRexConfig of the tiny sizes (llm_overrides: LLMConfig fields)."""
-  hf = llm_hf(vocab_size, family=family, hidden=hidden, layers=layers)
-  llm = LLMConfig.from_hf(hf)
+  config = ChatRexConfig.from_dict(dict(
+      llm=llm_hf(vocab_size, family=family, hidden=hidden, layers=layers),
+      clip=dict(CLIP, image_size=clip_image_size), convnext=CONVNEXT, aux_image_size=aux_image_size))
   if llm_overrides:
-    import dataclasses
-    llm = dataclasses.replace(llm, **llm_overrides)
-  clip = CLIPVisionConfig.from_hf(dict(CLIP, image_size=clip_image_size))
-  convnext = ConvNeXtConfig(depths=tuple(CONVNEXT["depths"]), dims=tuple(CONVNEXT["dims"]))
-  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext, aux_image_size=aux_image_size)
+    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, **llm_overrides))
+  return config

@@ -28,7 +28,6 @@ Formats
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import pathlib
 import pickle
@@ -186,41 +185,6 @@ def _open_checkpoint(path: pathlib.Path):
 
 # ----------------------------------------------------------------------------- chatrex
 
-def chatrex_config_json(config) -> dict:
-  """The official config.json plus every vision-tower size, so an Orbax params dir is
-  self-describing without tensor shapes in torch layout."""
-  from chatrex_jax.convert import chatrex as chatrex_convert
-  hf = chatrex_convert.config_to_hf(config)
-  hf["llm_family"] = config.llm.family   # an Orbax dir has no torch tensors to tell it by
-  hf["vision_config"].update(num_channels=config.clip.num_channels,
-                             select_layer=config.clip.select_layer,
-                             select_feature=config.clip.select_feature)
-  hf["convnext_config"].update(in_chans=config.convnext.in_chans, patch_size=config.convnext.patch_size,
-                               kernel_size=config.convnext.kernel_size)
-  return hf
-
-
-def chatrex_config_from_json(hf: Mapping):
-  """Inverse of `chatrex_config_json` (a UsageError when the sizes are not there)."""
-  from chatrex_jax.models.chatrex import ChatRexConfig
-  from chatrex_jax.models.clip_vit import CLIPVisionConfig
-  from chatrex_jax.models.convnext import ConvNeXtConfig
-  from chatrex_jax.models.llm import LLMConfig
-  if "vision_config" not in hf or "convnext_config" not in hf:
-    raise UsageError("config.json lacks vision_config / convnext_config: this is not a params dir "
-                     "written by `chatrex-jax convert chatrex --format orbax`")
-
-  def pick(cls, d):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
-  clip = CLIPVisionConfig(**pick(CLIPVisionConfig, hf["vision_config"]))
-  convnext = ConvNeXtConfig(**pick(ConvNeXtConfig, hf["convnext_config"]))
-  llm = LLMConfig.from_hf({k: v for k, v in hf.items() if k != "llm_family"},
-                          family=hf.get("llm_family"))
-  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext,
-                       aux_image_size=int(hf["aux_image_size"]))
-
-
 def _check_param_shapes(params, config) -> None:
   """Restored params vs the model's parameter shapes: every mismatch listed at once."""
   from flax.core import meta
@@ -272,7 +236,10 @@ def run_chatrex(args) -> int:
   if _is_orbax_params_dir(src):
     if args.format == "orbax":
       raise UsageError(f"{src} is already an Orbax params dir; use --format official")
-    config = chatrex_config_from_json(json.loads((src / "config.json").read_text()))
+    try:
+      config = chatrex_convert.config_from_json(json.loads((src / "config.json").read_text()))
+    except ValueError as e:
+      raise UsageError(f"{src / 'config.json'}: {e}") from None
     params = load_orbax_params(src / ORBAX_PARAMS)
     _check_param_shapes(params, config)
     layout = args.layout or "rexseek"
@@ -283,7 +250,7 @@ def run_chatrex(args) -> int:
     notes.append(f"official ({found} layout) -> "
                  + ("Orbax params" if args.format == "orbax" else f"official ({layout} layout)"))
   if args.format == "orbax":
-    (dst / "config.json").write_text(json.dumps(chatrex_config_json(config), indent=2))
+    (dst / "config.json").write_text(json.dumps(chatrex_convert.config_to_json(config), indent=2))
     save_orbax_params(params, dst / ORBAX_PARAMS)
     count = _count_leaves(params)
   else:
@@ -454,13 +421,12 @@ def run_export(args) -> int:
 
 def _export_upn(args, config, params) -> int:
   from chatrex_jax.convert import upn as upn_convert
-  from chatrex_jax.models.upn.upn import UPNConfig
-  from chatrex_jax.train.upn_task import TASK_MODEL_KEYS
+  from chatrex_jax.train.upn_task import model_config as upn_model_config
   dst = pathlib.Path(args.dst)
   _official_file(dst, "--to (a UPN export is one file)")
   if dst.exists() and not args.overwrite:
     raise UsageError(f"--to {dst} exists; pass --overwrite to replace it")
-  model = UPNConfig.from_config_dict({k: v for k, v in dict(config.model).items() if k not in TASK_MODEL_KEYS})
+  model = upn_model_config(config.model)
   state = upn_convert.to_torch(params, model)
   write_upn_official(state, dst)
   _report(dst, len(state), [f"training checkpoint ({args.workdir}) -> official UPN",

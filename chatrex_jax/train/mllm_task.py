@@ -9,9 +9,6 @@ import numpy as np
 
 from chatrex_jax.configs import ConfigError
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, example_batch
-from chatrex_jax.models.clip_vit import CLIPVisionConfig
-from chatrex_jax.models.convnext import ConvNeXtConfig
-from chatrex_jax.models.llm import LLMConfig
 from chatrex_jax.protocol import tokens as C
 from chatrex_jax.train.optimizer import STAGE_PATTERNS
 from chatrex_jax.train.trainer import SelectKeys
@@ -51,14 +48,10 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
       raise ConfigError("model.llm.vocab_size is 0 (take it from the tokenizer) but no tokenizer "
                        "was given: set data.tokenizer_dir")
     llm_hf["vocab_size"] = vocab_size
-  llm = LLMConfig.from_hf(llm_hf, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                          remat_policy=remat)
-  clip = dict(model_cfg.clip)
-  clip = CLIPVisionConfig(**clip, dtype=dtype, remat=remat != "none")
-  convnext = ConvNeXtConfig(depths=tuple(model_cfg.convnext["depths"]), dims=tuple(model_cfg.convnext["dims"]),
-                            dtype=dtype)
-  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext, aux_image_size=model_cfg.aux_image_size,
-                       **switches)
+  sizes = dict(llm=llm_hf, clip=dict(model_cfg.clip), convnext=dict(model_cfg.convnext),
+               aux_image_size=model_cfg.aux_image_size, **switches)
+  return ChatRexConfig.from_dict(sizes, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
+                                 remat_policy=remat)
 
 
 def next_token_loss(logits, targets, valid, object_ids=None, dropped=None):

@@ -33,6 +33,12 @@ PROMPTS = ("fine", "coarse")   # index = prompt id
 TASK_MODEL_KEYS = ("init_from", "freeze")   # model-section keys that are not UPNConfig fields
 
 
+def model_config(model_section) -> UPNConfig:
+  """UPNConfig from a UPN training config's `model` section (the training keys left out)."""
+  return UPNConfig.from_config_dict(
+      {k: v for k, v in dict(model_section).items() if k not in TASK_MODEL_KEYS})
+
+
 def _tokens(side: int, num_levels: int) -> int:
   """Encoder tokens of a square side x side image (levels at strides 4, 8, ...)."""
   n, s = 0, side
@@ -98,8 +104,7 @@ class UPNTask:
 
   def __init__(self, config):
     self.config = config
-    self.model_config = UPNConfig.from_config_dict(
-        {k: v for k, v in dict(config.model).items() if k not in TASK_MODEL_KEYS})
+    self.model_config = model_config(config.model)
     self.model = UPN(self.model_config)
     self.loss_config = UPNLossConfig.from_dict(dict(config.get("loss", {}) or {}))
     self._side = init_side(self.model_config)

@@ -8,20 +8,17 @@ from chatrex_jax.convert import chatrex as chatrex_convert
 from chatrex_jax.data.merge import merge_plan
 from chatrex_jax.inference.generate import SamplingConfig, generate
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, lm_loss
-from chatrex_jax.models.clip_vit import CLIPVisionConfig
-from chatrex_jax.models.convnext import ConvNeXtConfig
-from chatrex_jax.models.llm import LLMConfig
 from chatrex_jax.tools.equivalence.registry import Fixture, RunResult, register
 
 
 def fixture_config(cfg: dict) -> ChatRexConfig:
-  clip = CLIPVisionConfig.from_hf(cfg["clip_vision_config"], select_layer=cfg["mm_vision_select_layer"],
-                                  select_feature=cfg["mm_vision_select_feature"])
-  convnext = ConvNeXtConfig(depths=tuple(cfg["convnext"]["depths"]), dims=tuple(cfg["convnext"]["dims"]))
-  llm = LLMConfig.from_hf(dict(cfg["qwen2_config"], model_type="qwen2"))
-  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext, aux_image_size=cfg["aux_image_size"],
-                       roi_output_size=cfg["box_encoder"]["output_size"],
-                       add_pos_embedding=cfg["box_encoder"]["add_pos_embedding"])
+  return ChatRexConfig.from_dict(dict(
+      llm=dict(cfg["qwen2_config"], model_type="qwen2"),
+      clip=dict(cfg["clip_vision_config"], mm_vision_select_layer=cfg["mm_vision_select_layer"],
+                mm_vision_select_feature=cfg["mm_vision_select_feature"]),
+      convnext=dict(depths=cfg["convnext"]["depths"], dims=cfg["convnext"]["dims"]),
+      aux_image_size=cfg["aux_image_size"], roi_output_size=cfg["box_encoder"]["output_size"],
+      add_pos_embedding=cfg["box_encoder"]["add_pos_embedding"]))
 
 
 def _batch(config, ids, mask, labels, pixels, pixels_aux, boxes, counts):
