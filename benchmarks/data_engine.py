@@ -21,10 +21,11 @@ import argparse
 import base64
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
+
+from measure import peak_rss_mb
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -149,7 +150,7 @@ def main() -> None:
   rate["beam_direct_runner_oracles"] = round(n / beam_s, 1)
   print(f"{'beam DirectRunner e2e':<24} {rate['beam_direct_runner_oracles']:>10.1f} records/s/core"
         f"  (wall {n / wall['beam']:.1f} records/s)")
-  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  peak = peak_rss_mb()
   print(json.dumps({
       "name": "data_engine_non_model_stages",
       "config": {"n": n, "image_size": args.size, "jpeg": "640x480", "cores": 1,

@@ -16,38 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
+
+from measure import median_time, reset_peak, status_mb
 
 FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
             num_attention_heads=12, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
             tie_word_embeddings=False, max_position_embeddings=4096, model_type="qwen2")
 QUICK = dict(FULL, vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
-
-
-def _peak_reset():
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-
-
-def _status(field):
-  for line in open("/proc/self/status"):
-    if line.startswith(field):
-      return int(line.split()[1]) * 1024
-
-
-def _timeit(fn, repeats):
-  fn()  # warm-up (compilation for JAX)
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def child(args):
@@ -59,8 +38,8 @@ def child(args):
     ids = rng.integers(1, v, (args.batch, args.seq))
   else:
     ids = rng.integers(1, v, (args.batch, args.prompt))
-  base = _status("VmRSS:")
-  _peak_reset()
+  base = status_mb("VmRSS")
+  reset_peak()
   result = {}
   if args.side == "ours":
     import jax
@@ -114,8 +93,8 @@ def child(args):
           return model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=args.new_tokens,
                                 do_sample=False)
       result["tokens"] = fn()[:, args.prompt:].tolist()
-  result["seconds"] = _timeit(fn, args.repeats)
-  result["peak_mb"] = (_status("VmHWM:") - base) / 2**20
+  result["seconds"] = median_time(fn, args.repeats, warmup=True)
+  result["peak_mb"] = status_mb("VmHWM") - base
   print(json.dumps(result))
 
 

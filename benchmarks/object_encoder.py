@@ -31,11 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from measure import median_time, peak_rss_mb, reset_peak
 
 SHAPES = [(192, 192, 192), (96, 96, 384), (48, 48, 768), (24, 24, 1536)]   # (H, W, C)
 IMAGE = 768
@@ -73,24 +72,6 @@ def make_inputs(batch: int, n_boxes: int, seed: int):
   xy = rng.uniform(-0.1, 0.95, size=(batch, n_boxes, 2)) * IMAGE - wh / 4
   boxes = np.concatenate([xy, xy + wh], axis=-1).astype(np.float32)
   return maps, boxes
-
-
-def _rss_mb() -> float:
-  """Peak resident set size of this process in MB.
-
-  Linux: VmHWM from /proc/self/status (per address space, so it starts afresh in an exec'd
-  child; ru_maxrss is inherited from the forking parent and would hide the child's peak).
-  Elsewhere: ru_maxrss (KB on Linux, bytes on macOS).
-  """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0
-  except OSError:
-    pass
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0
 
 
 def _ours(devices: int, batch: int, n_boxes: int):
@@ -136,25 +117,23 @@ def memory_child(which: str, devices: int, n_boxes: int, seed: int) -> None:
     boxes_t = torch.from_numpy(boxes)
     small = [torch.zeros(1, c, max(h // 8, 1), max(w // 8, 1)) for h, w, c in SHAPES]
     _ref_run(small, boxes_t[:1, :2] / 8)                       # warm torch/torchvision up
-    base = _rss_mb()
+    base = peak_rss_mb()
     _ref_run(maps_t, boxes_t)
-    print(json.dumps({"peak_delta_mb": _rss_mb() - base}))
+    print(json.dumps({"peak_delta_mb": peak_rss_mb() - base}))
     return
   fn, put = _ours(devices, devices, n_boxes)
   args = jax.block_until_ready(put(maps, boxes))   # inputs resident before the baseline
-  base = _rss_mb()
+  base = peak_rss_mb()
   compiled = fn.lower(*args).compile()
-  after_compile = _rss_mb() - base
+  after_compile = peak_rss_mb() - base
   # Reset the high-water mark to the current RSS (Linux >= 4.0: clear_refs "5"), then run the
   # already compiled executable once: the run's own peak on top of inputs + compiled code.
   run_only = None
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-    base2 = _rss_mb()
+  if reset_peak():
+    base2 = peak_rss_mb()
     np.asarray(compiled(*args))
-    run_only = _rss_mb() - base2
-  except OSError:
+    run_only = peak_rss_mb() - base2
+  else:
     np.asarray(compiled(*args))
   print(json.dumps({"compile_mb": after_compile, "run_only_mb": run_only}))
 
@@ -164,15 +143,6 @@ def _child_peak(which: str, args) -> dict:
                         str(args.devices), "--boxes", str(args.boxes), "--seed", str(args.seed)],
                        capture_output=True, text=True, check=True, env=dict(os.environ))
   return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _median_time(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
 
 
 def main(argv=None) -> None:
@@ -194,13 +164,13 @@ def main(argv=None) -> None:
   per_device = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
   ours_peak = per_device * (args.devices if args.devices > 1 else 1)
   ours_out = np.asarray(fn(*dev_args))                             # warm-up
-  ours_s = _median_time(lambda: fn(*dev_args).block_until_ready(), args.repeats)
+  ours_s = median_time(lambda: fn(*dev_args).block_until_ready(), args.repeats)
 
   maps_t = [torch.from_numpy(m) for m in maps]
   boxes_t = torch.from_numpy(boxes)
   _ref_run([m[:1] for m in maps_t], boxes_t[:1])                   # warm-up (one image)
   ref_outs = []
-  ref_s = _median_time(lambda: ref_outs.append(_ref_run(maps_t, boxes_t)), args.ref_repeats)
+  ref_s = median_time(lambda: ref_outs.append(_ref_run(maps_t, boxes_t)), args.ref_repeats)
   ref_out = ref_outs[-1].numpy()
 
   err = float(np.abs(ours_out - ref_out).max())

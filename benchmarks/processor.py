@@ -21,11 +21,7 @@ import sys
 import tempfile
 import time
 
-
-def _status(field):
-  for line in open("/proc/self/status"):
-    if line.startswith(field):
-      return int(line.split()[1]) * 1024
+from measure import reset_peak, status_mb
 
 
 def _load(path):
@@ -81,17 +77,16 @@ def child(args):
       gt = np.stack([b[:, 0], b[:, 1], b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], -1)
       return {"pixel_values": small.numpy(), "pixel_values_aux": aux.numpy(), "gt_boxes": gt[None]}
   out = run()  # warm-up
-  base = _status("VmRSS")
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+  base = status_mb("VmRSS")
+  reset_peak()
   times = []
   for _ in range(args.repeats):
     t0 = time.perf_counter()
     out = run()
     times.append(time.perf_counter() - t0)
-  peak = _status("VmHWM") - base
+  peak = status_mb("VmHWM") - base
   np.savez(args.out, **out)
-  print(json.dumps({"s": statistics.median(times), "peak_mb": peak / 2**20}))
+  print(json.dumps({"s": statistics.median(times), "peak_mb": peak}))
 
 
 def main():

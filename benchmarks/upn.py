@@ -16,15 +16,13 @@ docs/architecture.md "Benchmarks output format" format (with the other cases nes
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import threading
 import time
 
 import jax
 import jax.numpy as jnp
+from measure import PeakRSS
 import numpy as np
-import psutil
 import torch
 
 from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
@@ -32,30 +30,6 @@ from chatrex_jax.testing import torch_ms_deform_attn_core
 
 LEVELS_800 = ((200, 334), (100, 167), (50, 84), (25, 42), (13, 21))
 LEVELS_512 = ((128, 128), (64, 64), (32, 32), (16, 16), (8, 8))
-
-
-
-
-class PeakRSS:
-  """Resident-set high-water mark (MB) above the level at entry, sampled every ms."""
-
-  def __enter__(self):
-    self.proc = psutil.Process(os.getpid())
-    self.base = self.peak = self.proc.memory_info().rss
-    self.stop = False
-    self.thread = threading.Thread(target=self._poll, daemon=True)
-    self.thread.start()
-    return self
-
-  def _poll(self):
-    while not self.stop:
-      self.peak = max(self.peak, self.proc.memory_info().rss)
-      time.sleep(0.001)
-
-  def __exit__(self, *exc):
-    self.stop = True
-    self.thread.join()
-    self.mb = (self.peak - self.base) / 2**20
 
 
 def timed(fn, repeats):

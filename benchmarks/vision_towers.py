@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,6 +46,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from measure import median_time, peak_mb
+
 from chatrex_jax.convert import clip as clip_convert  # noqa: E402
 from chatrex_jax.convert import convnext as cx_convert  # noqa: E402
 from chatrex_jax.models import clip_vit, convnext  # noqa: E402
@@ -58,37 +58,6 @@ CLIP_QUICK = dict(CLIP_L, hidden_size=256, intermediate_size=1024, num_hidden_la
                   num_attention_heads=4, image_size=224)
 CX_L = dict(depths=(3, 3, 27, 3), dims=(192, 384, 768, 1536), size=768)
 CX_QUICK = dict(depths=(1, 1, 3, 1), dims=(48, 96, 192, 384), size=256)
-
-
-def _status_kb(field: str) -> int:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith(field + ":"):
-        return int(line.split()[1])
-  raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def peak_mb(fn) -> float:
-  """Runs fn once; returns (peak RSS during it) - (RSS before it), in MB."""
-  import gc
-  gc.collect()
-  try:
-    with open("/proc/self/clear_refs", "w") as f:
-      f.write("5")
-  except OSError:
-    return float("nan")
-  before = _status_kb("VmRSS")
-  fn()
-  return (_status_kb("VmHWM") - before) / 1024
-
-
-def median_time(fn, repeats: int) -> float:
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
 
 
 def _perturb(module, seed: int, sigma: float = 0.02):
