@@ -61,3 +61,30 @@ def test_one_override_syntax(tmp_path):
 def test_configs_ship_inside_the_package():
   root = pathlib.Path(configs.__file__).parent
   assert {p.stem for p in root.glob("*.py")} - {"__init__", "common"} == set(configs.names())
+
+
+def test_merge_config_is_as_strict_as_overrides():
+  c = configs.load_config("upn_train_tiny")
+  configs.merge_config(c, {"optim": {"lr": 5e-4}, "data": {"scales": [32]}, "base": "x"}, skip=("base",))
+  assert c.optim.lr == 5e-4 and list(c.data.scales) == [32] and c.optim.total_steps == 300
+  with pytest.raises(configs.ConfigKeyError, match=r"no field 'optim\.learning_rate'"):
+    configs.merge_config(c, {"optim": {"learning_rate": 1.0}})
+  with pytest.raises(configs.ConfigError, match=r"optim\.total_steps: the field is of type int"):
+    configs.merge_config(c, {"optim": {"total_steps": "many"}})
+
+
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_demo_sections_are_fields_of_their_trainer_configs(mode, tmp_path):
+  """The demo names each trainer config's own keys: every one exists there, and a
+  `--config.chatrex.stage2.optim.lr` override reaches stage 2's optimizer."""
+  from chatrex_jax.demo import run
+  cfg = run.load_demo_config(mode == "quick", ["chatrex.stage2.optim.lr=7e-4",
+                                               "upn.optim.total_steps=11"])
+  paths = run.Paths(tmp_path)
+  upn = run.upn_training_config(cfg, paths)
+  assert upn.optim.total_steps == 11 and upn.data.max_size == cfg.upn.data.max_size
+  stages = [run.chatrex_stage_config(cfg, paths, s) for s in (1, 2, 3)]
+  assert [s.optim.lr for s in stages] == [cfg.chatrex.stage1.optim.lr, 7e-4, cfg.chatrex.stage3.optim.lr]
+  assert [s.data.seed for s in stages] == [1, 2, 3]
+  assert all(s.data.batch_size == cfg.chatrex.all_stages.data.batch_size for s in stages)
+  assert stages[1].model.init_from == str(paths.stage_export(1))

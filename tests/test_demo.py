@@ -39,9 +39,9 @@ def test_quick_run_writes_a_complete_report(quick):
   assert report["proposal_export"]["records"] == cfg.data.num_train
   # all four models trained for their configured steps; UPN and stage 2 losses fell
   loss = report["training_loss"]
-  assert loss["upn"]["steps"] == cfg.upn.steps
+  assert loss["upn"]["steps"] == cfg.upn.optim.total_steps
   for s in (1, 2, 3):
-    assert loss[f"stage{s}"]["steps"] == cfg.chatrex[f"stage{s}"].steps
+    assert loss[f"stage{s}"]["steps"] == cfg.chatrex[f"stage{s}"].optim.total_steps
   assert loss["upn"]["last"] < loss["upn"]["first"]
   assert loss["stage2"]["last"] < loss["stage1"]["first"]
   # held-out evaluation covered every object of every held-out scene

@@ -112,6 +112,26 @@ def apply_overrides(config, overrides: Iterable[str]) -> None:
     set_path(config, key, raw)
 
 
+def merge_config(config, partial, *, skip: Iterable[str] = (), _prefix: str = "") -> None:
+  """Sets `config`'s fields from the nested mapping `partial` (the same keys, any depth), with
+  the strictness of `--config.` overrides: a key the config lacks is an error. Top-level keys in
+  `skip` are left out (e.g. the `base` a demo section names)."""
+  for key, value in partial.items():
+    if key in skip:
+      continue
+    path = f"{_prefix}{key}"
+    if key not in config:
+      raise ConfigKeyError(f"config has no field {path!r}; known at that level: {sorted(config.keys())}")
+    if isinstance(value, (dict, ml_collections.ConfigDict)) and isinstance(config[key], ml_collections.ConfigDict):
+      merge_config(config[key], value, _prefix=path + ".")
+    else:
+      try:
+        config[key] = value
+      except TypeError as e:
+        raise ConfigError(f"{path}: the field is of type {type(config[key]).__name__} "
+                          f"(now {config[key]!r}), got {value!r}") from e
+
+
 def split_overrides(argv: Iterable[str]) -> tuple[list[str], list[str]]:
   """(other arguments, `KEY=VALUE` overrides) of a command line whose overrides are given as
   `--config.KEY=VALUE`."""

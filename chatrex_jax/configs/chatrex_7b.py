@@ -59,7 +59,9 @@ def get_config(arg: str = "stage2") -> ml_collections.ConfigDict:
 
   c.optim = common.optim(lr=1e-3 if stage == "stage1" else 2e-5, total_steps=5000,
                          warmup_steps=150, end_lr_ratio=0.0, weight_decay=0.0, clip_norm=1.0)
-  c.train = common.train(log_every=10, checkpoint_every=500, keep_checkpoints=3)
+  c.train = common.train(log_every=10, checkpoint_every=500, keep_checkpoints=3,
+                         trainable_patterns=[],   # [] = the stage's (train.optimizer.STAGE_PATTERNS)
+                         max_label_tokens=0)      # > 0: logits only at the first N labels per row
   c.mesh = common.mesh()
   c.logical_rules = common.logical_rules()
   return c

@@ -2,19 +2,24 @@
 
   chatrex-jax demo                       # get_config("full"): <= 15 min on 2 CPU cores
   chatrex-jax demo --quick               # get_config("quick"): the CI smoke run (~3 min)
-  chatrex-jax demo --config.upn.steps=600 --config.chatrex.stage2.steps=3000
+  chatrex-jax demo --config.upn.optim.total_steps=600 --config.chatrex.stage2.optim.total_steps=3000
 
-Sections: data (the engine's synthetic scenes), tokenizer, upn (overrides of
-chatrex_jax/configs/upn_train_tiny.py), proposals (UPN filtering for the MLLM), chatrex (the LLM and the
-three training stages on top of chatrex_jax/configs/chatrex_tiny.py), eval (held-out protocol, thresholds).
+Sections: data (the engine's synthetic scenes), llm (the pretrained LLM ChatRex starts from),
+upn (fields of its `base` trainer config, chatrex_jax/configs/upn_train_tiny.py), proposals
+(UPN filtering for the MLLM), chatrex (all_stages, then stage1-3: fields of each stage's `base`,
+chatrex_jax/configs/chatrex_tiny.py), eval (held-out protocol, thresholds). The trainer configs'
+own keys, so `--config.chatrex.stage2.optim.lr=...` means what `optim.lr` means there.
 """
 import ml_collections
 
 
-def _stage(steps: int, lr: float, weights: dict, trainable: tuple = ()) -> ml_collections.ConfigDict:
+def _stage(stage: int, steps: int, lr: float, weights: dict, trainable: tuple = ()) -> ml_collections.ConfigDict:
+  """One ChatRex stage: `chatrex_tiny:stageN` with these fields changed (its own keys)."""
   return ml_collections.ConfigDict(dict(
-      steps=steps, lr=lr, warmup_steps=max(1, steps // 20), task_weights=dict(weights),
-      trainable=list(trainable)))
+      base=f"chatrex_tiny:stage{stage}",
+      data=dict(seed=stage, tasks=dict(weights=dict(weights))),   # another data order per stage
+      optim=dict(lr=lr, total_steps=steps, warmup_steps=max(1, steps // 20)),
+      train=dict(trainable_patterns=list(trainable), checkpoint_every=max(1, steps // 2))))
 
 
 def get_config(mode: str = "full") -> ml_collections.ConfigDict:
@@ -42,26 +47,32 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
       # rows) or "sampled" (draws from the vocabulary's N(mean, cov); see convert.llm.resize_vocab).
       new_token_init="sampled"))
 
+  # The UPN trainer's own config, `base`, with these fields changed (its keys, its meaning).
+  upn_steps = 30 if quick else 500
   c.upn = ml_collections.ConfigDict(dict(
-      model_arg="d32", steps=30 if quick else 500, lr=1e-3, batch_size=8, canvas=64,
-      scales=[56, 64], crop_prob=0.0, max_targets=16))
+      base="upn_train_tiny:d32",
+      data=dict(batch_size=8, max_size=64, scales=[56, 64], crop_prob=0.0, max_targets=16),
+      optim=dict(total_steps=upn_steps, lr=1e-3, lr_backbone=1e-3, warmup_steps=max(1, upn_steps // 15)),
+      train=dict(checkpoint_every=max(1, upn_steps // 2), log_every=10),
+      mesh=dict(fsdp=1)))
 
   # UPN filtering of the proposals the MLLM sees (training records and held-out candidates).
   c.proposals = ml_collections.ConfigDict(dict(prompt="both", min_score=0.2, nms_iou=0.5,
                                                max_per_image=12))
 
+  # ChatRex: every stage's trainer config (`base` of each stage) takes `all_stages`, then its own
+  # fields. The task mix: region questions name up to 3 regions, grounding up to 3 categories;
+  # every granularity, weighted towards the short answers the evaluation asks for.
   c.chatrex = ml_collections.ConfigDict()
-  c.chatrex.batch_size = 16
-  c.chatrex.seq_len = 128
-  c.chatrex.max_label_tokens = 0    # the tiny LLM's vocabulary is small: full logits are cheap
-  c.chatrex.max_objects = 16
-  c.chatrex.train_vision_tower_aux = True   # random-init ConvNeXt: its RoI features must learn
-  # The task mix: region questions name up to 3 regions, grounding up to 3 categories; every
-  # granularity, weighted towards the short answers the evaluation asks for.
-  c.chatrex.tasks = ml_collections.ConfigDict(dict(
-      grounding_kinds={"category": 1.0, "phrase": 1.0, "referring": 2.0},
-      region_granularities={"category": 2.0, "short_phrase": 1.0, "brief": 0.5, "one_sentence": 0.25},
-      grounding_max_queries=3, region_max_regions=3))
+  c.chatrex.all_stages = ml_collections.ConfigDict(dict(
+      model=dict(train_vision_tower_aux=True),   # random-init ConvNeXt: its RoI features must learn
+      data=dict(batch_size=16, seq_len=128, max_objects=16, tasks=dict(
+          grounding_kinds={"category": 1.0, "phrase": 1.0, "referring": 2.0},
+          region_granularities={"category": 2.0, "short_phrase": 1.0, "brief": 0.5, "one_sentence": 0.25},
+          grounding_max_queries=3, region_max_regions=3)),
+      train=dict(max_label_tokens=0,   # the tiny LLM's vocabulary is small: full logits are cheap
+                 log_every=10),
+      mesh=dict(fsdp=1)))
   # Stage 1 aligns the projectors, the embeddings and - unlike the release, whose towers come
   # pretrained - the random vision towers, the LLM's layers frozen; stage 2 trains everything
   # on perception (grounding, region understanding); stage 3 adds captions and conversations.
@@ -71,9 +82,9 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   # projector learns to write into, so they stay frozen (an LLM that gets the 104 tokens added,
   # llm.source="gguf", also trains "llm/embed_tokens/*" and "llm/lm_head/*" here).
   towers = ("mm_projector/*", "mm_object_projector/*", "vision_tower/*", "vision_tower_aux/*")
-  c.chatrex.stage1 = _stage(3 if quick else 300, 2e-3, perception, towers)
-  c.chatrex.stage2 = _stage(3 if quick else 900, 1e-3, perception)
-  c.chatrex.stage3 = _stage(3 if quick else 200, 5e-4, joint)
+  c.chatrex.stage1 = _stage(1, 3 if quick else 300, 2e-3, perception, towers)
+  c.chatrex.stage2 = _stage(2, 3 if quick else 900, 1e-3, perception)
+  c.chatrex.stage3 = _stage(3, 3 if quick else 200, 5e-4, joint)
 
   c.eval = ml_collections.ConfigDict(dict(
       iou=0.5, batch_size=16, seq_bucket=128, max_new_tokens=24, num_visualisations=6, seed=0,

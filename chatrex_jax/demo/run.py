@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 
-from chatrex_jax.configs import ConfigError, load_config
+from chatrex_jax.configs import ConfigError, load_config, merge_config
 from chatrex_jax.errors import UserError, command
 
 
@@ -218,16 +218,10 @@ def _train(config, task, workdir: pathlib.Path, progress: bool):
 
 
 def upn_training_config(cfg, paths: Paths):
-  u = cfg.upn
-  c = load_config(f"upn_train_tiny:{u.model_arg}")
+  """The UPN trainer's config: `cfg.upn.base` with the demo's fields and its data."""
+  c = load_config(cfg.upn.base)
+  merge_config(c, cfg.upn, skip=("base",))
   c.data.sources = [{"path": str(paths.train), "granularity": "both"}]
-  c.data.batch_size, c.data.max_size, c.data.scales = u.batch_size, u.canvas, list(u.scales)
-  c.data.crop_prob, c.data.max_targets = u.crop_prob, u.max_targets
-  c.optim.total_steps, c.optim.lr, c.optim.lr_backbone = u.steps, u.lr, u.lr
-  c.optim.warmup_steps = max(1, u.steps // 15)
-  c.train.checkpoint_every = max(1, u.steps // 2)
-  c.train.log_every = 10
-  c.mesh.fsdp = 1
   return c
 
 
@@ -243,7 +237,7 @@ def upn_predictor(cfg, model_config, params):
   from chatrex_jax.inference.upn import Proposals
   from chatrex_jax.inference.upn_export import predictor_fn
   p = cfg.proposals
-  predict = predictor_fn(params, model_config, size=cfg.upn.canvas, max_size=cfg.upn.canvas,
+  predict = predictor_fn(params, model_config, size=cfg.upn.data.max_size, max_size=cfg.upn.data.max_size,
                          min_score=p.min_score, nms_iou=p.nms_iou, batch_bucket=cfg.eval.batch_size)
 
   def capped(images, prompt):   # the highest-scoring few per prompt (sorted by score)
@@ -268,26 +262,19 @@ def export_train_proposals(cfg, paths: Paths, predict) -> dict:
 
 
 def chatrex_stage_config(cfg, paths: Paths, stage: int):
+  """Stage N's trainer config: its `base` with the demo's all_stages and stage fields, starting
+  from the previous stage's export (stage 1: the initial model) with its architecture and
+  tokenizer."""
   s = cfg.chatrex[f"stage{stage}"]
-  c = load_config(f"chatrex_tiny:stage{stage}")
+  c = load_config(s.base)
+  merge_config(c, cfg.chatrex.all_stages)
+  merge_config(c, s, skip=("base",))
   c.model.llm = {}     # the architecture comes from the checkpoint it starts from
-  c.model.train_vision_tower_aux = cfg.chatrex.train_vision_tower_aux
   c.model.init_from = str(paths.stage_export(stage - 1) if stage > 1 else paths.init)
   c.data.sources = [{"path": str(paths.train_proposals), "weight": 1.0}]
   c.data.tokenizer_dir = c.model.init_from
-  c.train.max_label_tokens = cfg.chatrex.max_label_tokens
-  c.data.batch_size, c.data.seq_len = cfg.chatrex.batch_size, cfg.chatrex.seq_len
-  c.data.max_objects = cfg.chatrex.max_objects
-  c.data.seed = stage                      # another data order per stage
-  c.data.tasks.update(cfg.chatrex.tasks.to_dict())
-  c.data.tasks.weights = dict(s.task_weights)
-  c.train.trainable_patterns = list(s.trainable)
-  if stage == 1 and s.trainable and cfg.llm.source != "tiny":   # the added token rows learn
-    c.train.trainable_patterns += ["llm/embed_tokens/*", "llm/lm_head/*"]
-  c.optim.lr, c.optim.total_steps, c.optim.warmup_steps = s.lr, s.steps, s.warmup_steps
-  c.train.checkpoint_every = max(1, s.steps // 2)
-  c.train.log_every = 10
-  c.mesh.fsdp = 1
+  if stage == 1 and s.train.trainable_patterns and cfg.llm.source != "tiny":   # the added token rows learn
+    c.train.trainable_patterns = [*s.train.trainable_patterns, "llm/embed_tokens/*", "llm/lm_head/*"]
   return c
 
 
@@ -321,13 +308,13 @@ def evaluate(cfg, paths: Paths, predict, progress: bool):
   from chatrex_jax.inference.pipeline import ChatRexPipeline
   e = cfg.eval
   scenes = ev.load_scenes(str(paths.heldout))
-  props = ev.propose(scenes, predict, max_candidates=cfg.chatrex.max_objects,
+  props = ev.propose(scenes, predict, max_candidates=cfg.chatrex.all_stages.data.max_objects,
                      batch_size=e.batch_size, progress=progress)
   upn = ev.upn_metrics(scenes, props, e.iou, seed=e.seed)
   seen = ev.load_scenes(str(paths.train), limit=len(scenes))
-  upn_seen = ev.upn_metrics(seen, ev.propose(seen, predict, max_candidates=cfg.chatrex.max_objects,
+  upn_seen = ev.upn_metrics(seen, ev.propose(seen, predict, max_candidates=cfg.chatrex.all_stages.data.max_objects,
                                              batch_size=e.batch_size, progress=progress), e.iou, seed=e.seed)
-  pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.max_objects,
+  pipe = ChatRexPipeline.from_checkpoint(paths.stage_export(3), max_objects=cfg.chatrex.all_stages.data.max_objects,
                                          seq_bucket=e.seq_bucket, batch_bucket=e.batch_size)
   kw = dict(iou=e.iou, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens, progress=progress)
   referring, rows = ev.referring_eval(pipe, scenes, props, **kw)
@@ -374,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     data_counts = build_data(cfg, paths)
   with timer.step("llm", "pretrained LLM + ChatRex tokens + random vision towers"):
     tokenizer = build_initial_model(cfg, paths)
-  with timer.step("upn", f"tiny UPN, {cfg.upn.steps} steps, fine + coarse prompts"):
+  with timer.step("upn", f"tiny UPN, {cfg.upn.optim.total_steps} steps, fine + coarse prompts"):
     upn_config, upn_params, upn_history = train_upn(cfg, paths, progress)
   predict = upn_predictor(cfg, upn_config, upn_params)
   with timer.step("proposals", "UPN proposals into the training records"):
