@@ -62,6 +62,19 @@ def _device(torch, device: str) -> str:
   return device
 
 
+def _load(backend, name: str, model_dir: str, model_class, preprocessor_class, *, dtype: str,
+          device: str, num_threads: int | None):
+  """(preprocessor, model in eval mode) from `model_dir`'s local files; sets the backend's name,
+  model_dir, version, torch and device."""
+  torch = _torch_setup(num_threads)
+  backend.torch, backend.device = torch, _device(torch, device)
+  backend.model_dir = _check_dir(model_dir)
+  backend.name, backend.version = name, _dir_version(model_dir)
+  preprocessor = preprocessor_class.from_pretrained(model_dir, local_files_only=True)
+  model = model_class.from_pretrained(model_dir, local_files_only=True, dtype=getattr(torch, dtype))
+  return preprocessor, model.to(backend.device).eval()
+
+
 def _to(inputs, device: str, dtype):
   """Move a processor output to `device`; floating tensors (pixels) get the model's dtype."""
   for k, v in list(inputs.items()):
@@ -91,18 +104,11 @@ class HFVisionLanguage(VisionLanguageBackend):
                dtype: str = "float32", device: str = "auto", num_threads: int | None = None,
                plain_prompt: str = "<image>\n{prompt}", generate_kwargs: dict | None = None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    torch = _torch_setup(num_threads)
-    device = _device(torch, device)
-    self.model_dir = _check_dir(model_dir)
-    self.name = "hf-vlm"
-    self.version = _dir_version(model_dir)
-    self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    self.model = AutoModelForImageTextToText.from_pretrained(
-        model_dir, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
+    self.processor, self.model = _load(self, "hf-vlm", model_dir, AutoModelForImageTextToText,
+                                       AutoProcessor, dtype=dtype, device=device, num_threads=num_threads)
     tok = getattr(self.processor, "tokenizer", None)
     if tok is not None:
       tok.padding_side = "left"  # decoder-only generation
-    self.torch, self.device = torch, device
     self.caption_prompt, self.region_prompt = caption_prompt, region_prompt
     self.plain_prompt = plain_prompt
     self.batch_size, self.region_context = batch_size, region_context
@@ -158,15 +164,8 @@ class HFGrounding(GroundingBackend):
                nms_iou: float = 0.5, min_box_px: float = 2.0, batch_size: int = 4,
                dtype: str = "float32", device: str = "auto", num_threads: int | None = None):
     from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
-    torch = _torch_setup(num_threads)
-    device = _device(torch, device)
-    self.model_dir = _check_dir(model_dir)
-    self.name = "hf-grounding"
-    self.version = _dir_version(model_dir)
-    self.processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
-    self.model = AutoModelForZeroShotObjectDetection.from_pretrained(
-        model_dir, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
-    self.torch, self.device = torch, device
+    self.processor, self.model = _load(self, "hf-grounding", model_dir, AutoModelForZeroShotObjectDetection,
+                                       AutoProcessor, dtype=dtype, device=device, num_threads=num_threads)
     self.box_threshold, self.max_boxes, self.nms_iou = box_threshold, max_boxes, nms_iou
     self.min_box_px, self.batch_size = min_box_px, batch_size
     tok = self.processor.tokenizer
@@ -214,18 +213,11 @@ class HFVerifier(VerifierBackend):
                dtype: str = "float32", device: str = "auto", num_threads: int | None = None,
                generate_kwargs: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    torch = _torch_setup(num_threads)
-    device = _device(torch, device)
-    self.model_dir = _check_dir(model_dir)
-    self.name = "hf-verifier"
-    self.version = _dir_version(model_dir)
-    self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    self.tok, self.model = _load(self, "hf-verifier", model_dir, AutoModelForCausalLM, AutoTokenizer,
+                                 dtype=dtype, device=device, num_threads=num_threads)
     self.tok.padding_side = "left"
     if self.tok.pad_token is None:
       self.tok.pad_token = self.tok.eos_token
-    self.model = AutoModelForCausalLM.from_pretrained(
-        model_dir, local_files_only=True, dtype=getattr(torch, dtype)).to(device).eval()
-    self.torch, self.device = torch, device
     self.verify_prompt, self.rewrite_prompt = verify_prompt, rewrite_prompt
     self.yes_ids = self._first_ids(yes_words)
     self.no_ids = self._first_ids(no_words)
