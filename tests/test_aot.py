@@ -1,10 +1,10 @@
 """Ahead-of-time compile check of the train step (chatrex_jax/tools/aot.py).
 
 Default run: topology parsing, the abstract train state (shardings, indivisible parameters,
-optimizer-state shardings), and one real compile of the tiny ChatRex train step on the 8 fake
-CPU devices of tests/conftest.py (data=2 x fsdp=2 x tensor=2), whose memory analysis must
-agree with the analytic per-device bytes. The trainer's optimizer state is checked to be sharded like the parameters
-(replicated optimizer state; it flips to a failure once fixed: then drop the marker).
+optimizer-state shardings; the trainer's real state has exactly these), and one real compile
+of the tiny ChatRex train step on the 8 fake CPU devices of tests/conftest.py (data=2 x fsdp=2
+x tensor=2), whose memory analysis must agree with the analytic per-device bytes, and of the
+tiny UPN train step (pure FSDP) through the same `Trainer`-derived path.
 
 Slow (`pytest -m slow tests/test_aot.py`): the CLI's re-exec onto N fake CPU devices, and the
 7B stage-2 step for v5p-256 (needs libtpu importable: pip install "jax[tpu]").
@@ -51,29 +51,21 @@ def test_parse_cpu_and_bad_topologies():
       aot.parse_topology(bad)
 
 
-def test_mesh_sizes_resolve_like_make_mesh():
-  cfg = aot.quick_config()
-  cfg.mesh.fsdp = -1
-  assert aot._mesh_sizes(cfg, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-  cfg.mesh.data, cfg.mesh.tensor = 1, 1
-  assert aot._mesh_sizes(cfg, 128) == {"data": 1, "fsdp": 128, "tensor": 1}
-  cfg.mesh.data = 3
-  with pytest.raises(ValueError, match="cannot be split"):
-    aot._mesh_sizes(cfg, 128)
+def test_mesh_sizes_resolve_minus_one():
+  from chatrex_jax.train.sharding import MeshError, mesh_sizes
+  assert mesh_sizes(2, -1, 2, 8) == [2, 2, 2]
+  assert mesh_sizes(1, -1, 1, 128) == [1, 128, 1]
+  with pytest.raises(MeshError, match="cannot be split"):
+    mesh_sizes(3, -1, 1, 128)
 
 
 # ---------------------------------------------------------------------------- abstract state
-
-def _mesh(sizes=(2, 2, 2)):
-  from chatrex_jax.train import sharding as sharding_lib
-  return sharding_lib.make_mesh(*sizes, devices=_cpu8())
-
 
 def test_indivisible_dimensions_are_replicated_and_reported():
   cfg = aot.quick_config()
   cfg.model.convnext = {**dict(cfg.model.convnext), "dims": [12, 20, 32, 64]}  # 12, 20 % 8 != 0
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 8, 1
-  _, _, state, info = aot.abstract_train_state(cfg, _mesh((1, 8, 1)), shard_opt_state=True)
+  _, state, info = aot.abstract_train_state(cfg, _cpu8(), shard_opt_state=True)
   dropped = {d["path"]: d for d in info["replicated_dims"]}
   assert dropped["vision_tower_aux/stem_conv/kernel"]["rules_spec"] == [None, None, None, "fsdp"]
   assert dropped["vision_tower_aux/stem_conv/kernel"]["spec"] == [None, None, None, None]
@@ -91,7 +83,7 @@ def _bytes(tree):
 
 
 def test_shard_opt_state_gives_adam_moments_the_parameter_shardings():
-  _, _, state, info = aot.abstract_train_state(aot.quick_config(), _mesh(), shard_opt_state=True)
+  _, state, info = aot.abstract_train_state(aot.quick_config(), _cpu8(), shard_opt_state=True)
   adam = state.opt_state[1][0]
   kernel = state.trainable["llm"]["decoder"]["layers"]["layer"]["mlp"]["gate_proj"]["kernel"]
   for moment in (adam.mu, adam.nu):
@@ -111,11 +103,11 @@ def test_trainer_optimizer_state_is_sharded_like_the_parameters(tmp_path):
   from chatrex_jax.train.trainer import Trainer
   config = aot.quick_config()
   trainer = Trainer(config, build_task(config), tmp_path)
-  abstract, _, mask, _, _ = trainer._state_shardings()
+  abstract, _, mask, _, _ = trainer.param_layout()
   trainable, _ = opt_lib.partition(nn.unbox(abstract), mask)
   trainer.tx, _ = opt_lib.make_optimizer(config.optim, params=trainable)
   shardings = trainer.opt_state_shardings(abstract, mask)
-  _, _, state, _ = aot.abstract_train_state(config, trainer.mesh)
+  _, state, _ = aot.abstract_train_state(config, _cpu8())
   assert jax.tree.structure(shardings) == jax.tree.structure(state.opt_state)
   want_shardings = jax.tree.map(lambda x: x.sharding, state.opt_state)
   for got, want in zip(jax.tree.leaves(shardings), jax.tree.leaves(want_shardings)):
@@ -160,6 +152,43 @@ def test_analytic_bytes_match_the_partition_arithmetic(quick_report):
   assert specs["meshes"]["quick"]["indivisible"] == []
   a = quick_report["analytic_bytes_per_device"]
   assert a["trainable_params"] + a["frozen_params"] == specs["meshes"]["quick"]["param_bytes_per_device"]
+
+
+def test_init_state_is_the_abstract_state():
+  """What the trainer allocates is what AOT compiles for: shapes, dtypes and shardings."""
+  from chatrex_jax.train.main import build_task
+  from chatrex_jax.train.trainer import Trainer
+  config = aot.quick_config()
+  trainer = Trainer(config, build_task(config))
+  abstract, real = trainer.abstract_state(), trainer.init_state()
+  assert jax.tree.structure(abstract) == jax.tree.structure(real)
+  for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real)):
+    assert (a.shape, a.dtype, a.sharding) == (r.shape, r.dtype, r.sharding)
+
+
+UPN_CONFIG = "configs/upn_train_tiny.py:d32"
+UPN_OVERRIDES = ("data.batch_size=8", "data.max_size=32", "data.max_targets=4",
+                 "model.swin.depths=(1, 1, 1, 1)", "model.enc_layers=1")
+
+
+def test_upn_train_step_compiles():
+  """The UPN trainer through the same path as ChatRex: Trainer state, task batch, step."""
+  from chatrex_jax.train.upn_task import BATCH_KEYS
+  config = aot.load_config(UPN_CONFIG, UPN_OVERRIDES)
+  r = aot.run(config, aot.parse_topology("cpu:8"), backend="cpu",
+              compiler_options=aot.FAST_CPU_COMPILE)
+  assert r["path"] == "cpu-fake-devices" and r["task"] == "upn"
+  assert r["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert list(r["batch"]) == list(BATCH_KEYS) and r["global_batch"] == 8
+  assert r["batch"]["images"] == [[8, 32, 32, 3], "float32"]
+  mem, a = r["memory_analysis_per_device"], r["analytic_bytes_per_device"]
+  state = a["total"] + a["step_and_rng"]
+  # The step reads every state shard and the batch (jit prunes the unused `num_boxes`).
+  assert state < mem["argument_size_in_bytes"] <= state + a["batch"]
+  assert mem["alias_size_in_bytes"] == state
+  assert r["optimizer_state_replicated_large"] == [] and r["flops_per_step"] > 0
+  assert r["llm_layers"] is None and "upn, global batch images [8, 32, 32, 3]" in aot.format_report(r)
+  json.dumps(r)
 
 
 # ------------------------------------------------------------------------------------- slow

@@ -72,6 +72,15 @@ def test_tiny_model_overfits_a_batch(assets, tmp_path):
   assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_abstract_batch_is_what_the_data_yields(assets):
+  """The batch AOT compiles for (`TrainTask.abstract_batch`) is the pipeline's, key by key."""
+  cfg = config(assets)
+  task = ChatRexTask(cfg)
+  batch = next(task.make_data(process_index=0, process_count=1))
+  assert {k: (x.shape, np.dtype(x.dtype)) for k, x in task.abstract_batch().items()} == \
+      {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
 def test_stage1_freezes_everything_but_projectors_and_embeddings(assets, tmp_path):
   cfg = config(assets, "stage1", **{"optim.total_steps": 2})
   trainer = Trainer(cfg, ChatRexTask(cfg), tmp_path)

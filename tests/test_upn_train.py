@@ -129,6 +129,14 @@ def test_group_lrs_and_patterns(fast):
   assert "backbone" in abstract and "fine_grained_prompt" in abstract
 
 
+def test_abstract_batch_is_what_the_data_yields(fast):
+  """The batch AOT compiles for (`TrainTask.abstract_batch`) is the pipeline's, key by key."""
+  task = fast["task"]
+  batch = next(task.make_data(process_index=0, process_count=1))
+  assert {k: (x.shape, np.dtype(x.dtype)) for k, x in task.abstract_batch().items()} == \
+      {k: (v.shape, v.dtype) for k, v in batch.items()}
+
+
 # ------------------------------------------------------------------------------- data
 
 

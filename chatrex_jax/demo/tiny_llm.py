@@ -43,6 +43,7 @@ from chatrex_jax.data import merge, tasks
 from chatrex_jax.models import merge as model_merge
 from chatrex_jax.protocol import prompts, templates, tokenize
 from chatrex_jax.protocol import tokens as C
+from chatrex_jax.train.task import TrainTask
 
 ASSETS = pathlib.Path(__file__).with_name("assets") / "tiny_llm"
 
@@ -240,7 +241,7 @@ def slot_inputs(model, params, batch, rng, slot_noise: float, image_noise: float
   return model_merge.merge_embeddings(text, image, slots, batch["source"], batch["source_index"])
 
 
-class TinyLLMTask:
+class TinyLLMTask(TrainTask):
   """The pretraining as a `TrainTask` of the shared trainer (checkpoints, resume, metrics)."""
 
   def __init__(self, config, tokenizer):

@@ -2,12 +2,14 @@
 
   python -m chatrex_jax.tools.aot --config chatrex_7b:stage2 --topology v5p-256 \
       [--report out.json] [--config.mesh.fsdp=64 ...]
+  python -m chatrex_jax.tools.aot --config upn_train_large --topology v5p-16
   python -m chatrex_jax.tools.aot --quick            # tiny config, 8 fake CPU devices (CI)
   python -m chatrex_jax.tools.aot --write-golden tests/golden/chatrex_7b_partition_specs.json
 
-What it does, mirroring `chatrex_jax.train.trainer.Trainer` step for step but ABSTRACTLY
-(`jax.eval_shape` + `jax.ShapeDtypeStruct`s carrying `NamedSharding`s; no parameter is ever
-allocated, so the 7B model costs nothing):
+Any training config works (`config.task` chatrex or upn): the check builds the config's
+`chatrex_jax.train.trainer.Trainer` over the target's devices and asks it for what it would run,
+ABSTRACTLY (`jax.eval_shape` + `jax.ShapeDtypeStruct`s carrying `NamedSharding`s; no parameter
+is ever allocated, so the 7B model costs nothing):
 
 1. Devices of the target. Path "tpu-topology": `jax.experimental.topologies.get_topology_desc`
    builds compile-only TPU devices for the named slice; this needs libtpu importable
@@ -17,32 +19,29 @@ allocated, so the 7B model costs nothing):
    before jax starts) with the same number of devices and the same mesh shape. Memory numbers
    of the CPU path come from the CPU compiler (no TPU layouts / fusion / HBM scheduling):
    they are an indication, not a TPU budget.
-2. The mesh of the config (`config.mesh`, `sharding.make_mesh` as the trainer does) over those
-   devices; the logical rules of the config; parameter shardings from
-   `sharding.logical_shardings` (which replicates a dimension its mesh axes do not divide:
-   the report lists those parameters).
-3. The stage mask (trainable / frozen), the optimizer of the config, and the optimizer-state
-   shardings as the trainer gets them (each moment with its parameter's sharding,
-   `Trainer.opt_state_shardings`); `--replicated-opt-state` shows what leaving them to XLA
-   would cost (OPT_STATE_REPLICATED).
-4. The jitted `make_train_step` with the trainer's in/out shardings and donation, lowered
-   under the mesh and the logical-axis rules with a batch of the config's GLOBAL batch size
-   and sequence length (batch axis over ("data", "fsdp")), then compiled.
+2. `Trainer.abstract_state()`: the mesh and logical rules of the config, parameter shardings
+   (`sharding.logical_shardings` replicates a dimension its mesh axes do not divide: the report
+   lists those parameters), the stage mask, the optimizer, and the optimizer state sharded
+   like its parameters. `--replicated-opt-state` shows what leaving the optimizer-state
+   shardings to XLA would cost (OPT_STATE_REPLICATED).
+3. `Trainer.abstract_batch()`: the task's GLOBAL batch of one step (`TrainTask.abstract_batch`),
+   batch axis over ("data", "fsdp").
+4. `Trainer.lower_train_step(state, batch)`: the jitted step with the trainer's in/out
+   shardings and donation, lowered under the mesh and the logical-axis rules; then compiled.
 5. Report (JSON, and a readable summary on stdout): path used, devices, mesh, compile time,
    `compiled.memory_analysis()` per device (argument / output / alias / temp / generated
    code), the analytic per-device bytes of parameters + optimizer state (shard shapes of the
    shardings above), the target's HBM per device and whether the estimate fits, FLOPs per
    step from the cost analysis.
 
-TPU names: `v5p-N`, `v4-N` count TensorCores (megacore: 2 per chip, one JAX device per
-chip), so v5p-256 = 128 chips = 128 JAX devices, topology 4x4x8; `v5litepod-N`, `v5e-N`,
-`v6e-N` count chips (= JAX devices). A raw libtpu topology name (`v5p:4x4x8`) works too, and
-`cpu:N` asks for N fake CPU devices directly.
+Topology names (`chatrex_jax.train.accelerators`): `v5p-N`, `v4-N` count TensorCores
+(v5p-256 = 128 chips = 128 JAX devices, topology 4x4x8); `v5litepod-N`, `v5e-N`, `v6e-N` count
+chips; a raw libtpu topology name (`v5p:4x4x8`) works too, and `cpu:N` asks for N fake CPU
+devices directly.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -55,23 +54,9 @@ from typing import Optional
 
 from chatrex_jax.configs import apply_overrides, load_config, split_overrides
 from chatrex_jax.errors import UserError, command
+from chatrex_jax.train.accelerators import GIB, Target, parse_topology
 
-GIB = 1024 ** 3
-
-# chips -> physical topology (3D torus generations: v4, v5p; 2D: v5e, v6e).
-_TOPO_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-            256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
-_TOPO_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
-            256: "16x16"}
-# generation -> (libtpu name prefix, TensorCores per JAX device in the accelerator-type
-# name, topology table, HBM bytes per chip)
-_GENERATIONS = {
-    "v4": ("v4", 2, _TOPO_3D, 32 * GIB),
-    "v5p": ("v5p", 2, _TOPO_3D, 95 * GIB),
-    "v5litepod": ("v5e", 1, _TOPO_2D, 16 * GIB),
-    "v5e": ("v5e", 1, _TOPO_2D, 16 * GIB),
-    "v6e": ("v6e", 1, _TOPO_2D, 32 * GIB),
-}
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Reference meshes of the partition-spec golden (128 devices = one v5p-256 slice).
 GOLDEN_CONFIG = "chatrex_7b:stage2"
@@ -89,49 +74,10 @@ class AOTError(UserError, RuntimeError):
   """A configuration that cannot be checked on the target (e.g. no devices for it)."""
 
 
-class TopologyError(UserError, ValueError):
-  """A topology name this tool does not know."""
-
-
 OPT_STATE_REPLICATED = (
     "`jax.jit(tx.init)(trainable)` without out_shardings gives the AdamW mu/nu zeros a "
     "REPLICATED sharding (8 bytes x trainable params on every device); the trainer therefore "
     "passes out_shardings = each parameter's sharding (Trainer.opt_state_shardings).")
-
-
-@dataclasses.dataclass(frozen=True)
-class Target:
-  """What to compile for."""
-  name: str                 # as given
-  platform: str             # "tpu" | "cpu"
-  num_devices: int          # JAX devices
-  topology: Optional[str]   # libtpu topology name, e.g. "v5p:4x4x8" (TPU only)
-  hbm_bytes: Optional[int]  # memory per device of the real target (None for cpu:N)
-
-
-def parse_topology(name: str) -> Target:
-  """'v5p-256' | 'v5p:4x4x8' | 'cpu:8' -> Target (see the module docstring for the naming)."""
-  m = re.fullmatch(r"cpu[:\-](\d+)", name)
-  if m:
-    return Target(name, "cpu", int(m.group(1)), None, None)
-  m = re.fullmatch(r"(v4|v5p|v5e|v6e)[:=_](\d+(?:x\d+)*)", name)
-  if m:
-    gen, shape = m.groups()
-    hbm = next(v[3] for v in _GENERATIONS.values() if v[0] == gen)
-    return Target(name, "tpu", math.prod(int(s) for s in shape.split("x")), f"{gen}:{shape}", hbm)
-  m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
-  if not m:
-    raise TopologyError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, v6e-256, "
-                     "v5p:4x4x8 or cpu:8")
-  gen, count = m.group(1), int(m.group(2))
-  prefix, cores_per_device, table, hbm = _GENERATIONS[gen]
-  if count % cores_per_device:
-    raise TopologyError(f"{name}: {gen}-N counts TensorCores ({cores_per_device} per chip); N must be even")
-  chips = count // cores_per_device
-  if chips not in table:
-    raise TopologyError(f"{name}: {chips} chips has no standard slice topology; known chip counts "
-                     f"{sorted(table)} (or pass a libtpu name like {prefix}:AxBxC)")
-  return Target(name, "tpu", chips, f"{prefix}:{table[chips]}", hbm)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,19 +96,6 @@ def quick_config():
 
 # Cheaper CPU code generation for --quick (the memory analysis is CPU-only there anyway).
 FAST_CPU_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _rules(config):
-  from chatrex_jax.train import sharding as sharding_lib
-  return [tuple(r) for r in config.get("logical_rules", sharding_lib.FSDP_RULES)]
-
-
-def _mesh_sizes(config, num_devices: int) -> dict:
-  """config.mesh with -1 resolved for `num_devices` (`sharding.mesh_sizes`)."""
-  from chatrex_jax.train.sharding import mesh_sizes
-  m = config.mesh
-  sizes = mesh_sizes(m.get("data", 1), m.get("fsdp", -1), m.get("tensor", 1), num_devices)
-  return dict(zip(("data", "fsdp", "tensor"), sizes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,11 +128,12 @@ def partition_specs(config, meshes: Optional[dict] = None) -> dict:
 
   from chatrex_jax.convert.mapping import flatten
   from chatrex_jax.train import optimizer as opt_lib
+  from chatrex_jax.train import sharding as sharding_lib
   from chatrex_jax.train.main import build_task
 
   task = build_task(config)
   abstract = task.abstract_params()
-  rules = _rules(config)
+  rules = sharding_lib.config_rules(config)
   logical = flatten(nn.get_partition_spec(abstract))
   shapes = flatten(nn.unbox(abstract))
   mask = flatten(opt_lib.trainable_mask(nn.unbox(abstract), task.trainable_patterns(),
@@ -326,81 +260,34 @@ def _dropped_axes(abstract, shardings, rules) -> list[dict]:
   return out
 
 
-def abstract_train_state(config, mesh, shard_opt_state: bool = True):
-  """(task, tx, abstract TrainState with shardings, info) -- nothing is allocated.
+def abstract_train_state(config, devices, shard_opt_state: bool = True):
+  """(trainer, abstract TrainState with shardings, info) on `devices`; nothing is allocated.
 
-  Mirrors `Trainer._state_shardings` + `Trainer.init_state`; the optimizer-state shardings
-  are the output shardings of `jax.jit(tx.init)` compiled for the mesh, as in the trainer
-  (XLA leaves those zeros REPLICATED: see OPT_STATE_REPLICATED). shard_opt_state=True instead
-  gives every optimizer leaf its parameter's sharding (the proposed trainer fix:
-  `jax.eval_shape(tx.init, boxed_trainable)` keeps the logical boxes on mu / nu).
+  The state is `Trainer.abstract_state()` (optimizer state sharded like its parameters).
+  shard_opt_state=False instead gives the optimizer state the output shardings of
+  `jax.jit(tx.init)` compiled for the mesh: what XLA chooses without out_shardings
+  (REPLICATED, see OPT_STATE_REPLICATED). info: "replicated_dims" (parameters whose
+  indivisible dimensions stay replicated), "opt_state_shardings", "opt_init_compile_s".
   """
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
-  from jax.sharding import NamedSharding, PartitionSpec
 
-  from chatrex_jax.train import optimizer as opt_lib
   from chatrex_jax.train import sharding as sharding_lib
   from chatrex_jax.train.main import build_task
-  from chatrex_jax.train.trainer import TrainState
+  from chatrex_jax.train.trainer import Trainer
 
-  task = build_task(config)
-  rules = _rules(config)
-  abstract = task.abstract_params()
-  params = nn.unbox(abstract)
-  param_sh = nn.unbox(sharding_lib.logical_shardings(abstract, mesh, rules))
-  info = {"replicated_dims": _dropped_axes(abstract, param_sh, rules)}
-  mask = opt_lib.trainable_mask(params, task.trainable_patterns(), task.frozen_patterns())
-  trainable, frozen = opt_lib.partition(params, mask)
-  tr_sh, fr_sh = opt_lib.partition(param_sh, mask)
-  tx, _ = opt_lib.make_optimizer(config.optim, group_lrs=task.group_lrs(), params=trainable)
-
-  def sds(a, sh):
-    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh)
-  tr_in = jax.tree.map(sds, trainable, tr_sh)
-  fr_in = jax.tree.map(sds, frozen, fr_sh)
-  t0 = time.perf_counter()
-  opt_abstract = jax.eval_shape(tx.init, trainable)
-  if shard_opt_state:
-    boxed_trainable, _ = opt_lib.partition(abstract, mask)
-    opt_boxed = jax.eval_shape(tx.init, boxed_trainable)
-    opt_sh = nn.unbox(sharding_lib.logical_shardings(opt_boxed, mesh, rules))
-    info["opt_state_shardings"] = "param-matched (as Trainer.init_state)"
-  else:
-    with jax.set_mesh(mesh):
-      opt_sh = jax.jit(tx.init).lower(tr_in).compile().output_shardings
+  trainer = Trainer(config, build_task(config), devices=devices)
+  state = trainer.abstract_state()
+  abstract, param_sh, _, _, _ = trainer.param_layout()
+  info = {"replicated_dims": _dropped_axes(abstract, param_sh, trainer.rules),
+          "opt_state_shardings": "param-matched (as Trainer.init_state)", "opt_init_compile_s": 0.0}
+  if not shard_opt_state:
+    t0 = time.perf_counter()
+    with jax.set_mesh(trainer.mesh):
+      opt_sh = jax.jit(trainer.tx.init).lower(state.trainable).compile().output_shardings
+    state = state.replace(opt_state=sharding_lib.with_shardings(state.opt_state, opt_sh))
     info["opt_state_shardings"] = "jax.jit(tx.init) output shardings (XLA's choice, replicated)"
-  info["opt_init_compile_s"] = time.perf_counter() - t0
-  opt_in = jax.tree.map(sds, opt_abstract, opt_sh)
-  replicated = NamedSharding(mesh, PartitionSpec())
-  rng_shape = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
-  state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-                     trainable=tr_in, frozen=fr_in, opt_state=opt_in,
-                     rng=jax.ShapeDtypeStruct(rng_shape.shape, rng_shape.dtype, sharding=replicated))
-  return task, tx, state, info
-
-
-def abstract_batch(config, task, mesh):
-  """The global batch the step sees: `mllm_task.MODEL_BATCH_KEYS`, batch axis over (data, fsdp)."""
-  import jax
-  import jax.numpy as jnp
-
-  from chatrex_jax.models.chatrex import example_batch
-  from chatrex_jax.train import sharding as sharding_lib
-
-  d = config.data
-  shapes = jax.eval_shape(lambda: example_batch(task.model_config, batch_size=int(d.batch_size),
-                                                num_tokens=int(d.seq_len),
-                                                max_objects=int(d.max_objects)))
-  shapes["labels"] = jax.ShapeDtypeStruct(shapes["token_ids"].shape, jnp.int32)
-  from chatrex_jax.train.mllm_task import MODEL_BATCH_KEYS
-  missing = set(MODEL_BATCH_KEYS) - set(shapes)
-  if missing:
-    raise AOTError(f"example_batch lacks the trained keys {sorted(missing)}")
-  return {k: jax.ShapeDtypeStruct(shapes[k].shape, shapes[k].dtype,
-                                  sharding=sharding_lib.batch_sharding(mesh, len(shapes[k].shape)))
-          for k in MODEL_BATCH_KEYS}
+    info["opt_init_compile_s"] = time.perf_counter() - t0
+  return trainer, state, info
 
 
 def _tree_bytes_per_device(tree) -> tuple[int, int]:
@@ -429,35 +316,21 @@ def _memory_stats(compiled) -> dict:
 
 
 def lower_train_step(config, devices, *, shard_opt_state=True):
-  """Traces and lowers the trainer's jitted step for `devices` (no compilation).
+  """Lowers the trainer's jitted step for `devices` (no compilation): the abstract state and
+  the task's global batch through `Trainer.lower_train_step`, as `Trainer.train` does.
 
-  Returns (lowered, mesh, state, batch, info); `info["time_s"]` holds the timings so far.
+  Returns (lowered, trainer, state, batch, info); `info["time_s"]` holds the timings so far.
   """
-  import flax.linen as nn
-  import jax
-
-  from chatrex_jax.train import sharding as sharding_lib
-  from chatrex_jax.train.trainer import make_train_step
-
-  sizes = _mesh_sizes(config, len(devices))
-  mesh = sharding_lib.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
-  rules = _rules(config)
   t0 = time.perf_counter()
-  task, tx, state, info = abstract_train_state(config, mesh, shard_opt_state)
-  batch = abstract_batch(config, task, mesh)
-  t_abstract = time.perf_counter() - t0
-  step_fn = make_train_step(task, tx, int(config.train.get("grad_accum", 1)))
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  jitted = jax.jit(step_fn, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                   donate_argnums=(0,))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):  # as Trainer.train
-    t0 = time.perf_counter()
-    lowered = jitted.lower(state, batch)
-  info["mesh_sizes"] = sizes
+  trainer, state, info = abstract_train_state(config, devices, shard_opt_state)
+  batch = trainer.abstract_batch()
+  t_abstract = time.perf_counter() - t0 - info["opt_init_compile_s"]
+  t0 = time.perf_counter()
+  lowered = trainer.lower_train_step(state, batch)
   info["time_s"] = {"abstract_state": round(t_abstract, 2),
                     "opt_init_compile": round(info["opt_init_compile_s"], 2),
                     "lower": round(time.perf_counter() - t0, 2)}
-  return lowered, mesh, state, batch, info
+  return lowered, trainer, state, batch, info
 
 
 def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
@@ -465,10 +338,8 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
   """Lowers and compiles the trainer's jitted step for `devices`; returns the report dict."""
   import jax
 
-  lowered, mesh, state, batch, info = lower_train_step(
+  lowered, trainer, state, batch, info = lower_train_step(
       config, devices, shard_opt_state=shard_opt_state)
-  sizes = info["mesh_sizes"]
-  grad_accum = int(config.train.get("grad_accum", 1))
   t0 = time.perf_counter()
   compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
   info["time_s"]["compile"] = round(time.perf_counter() - t0, 2)
@@ -494,16 +365,20 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
     peak = (mem.get("argument_size_in_bytes", 0) + mem.get("output_size_in_bytes", 0)
             - mem.get("alias_size_in_bytes", 0) + mem.get("temp_size_in_bytes", 0)
             + mem.get("generated_code_size_in_bytes", 0))
-  d = config.data
+  model, data = config.model, config.data
   return {
       "target": target.name, "platform": target.platform, "topology": target.topology,
       "num_devices": len(devices), "device_kind": devices[0].device_kind,
-      "mesh": sizes, "stage": config.get("stage"), "grad_accum": grad_accum,
-      "global_batch": int(d.batch_size), "seq_len": int(d.seq_len), "max_objects": int(d.max_objects),
-      "llm_layers": int(config.model.llm["num_hidden_layers"]),
-      "scan_layers": bool(config.model.get("scan_layers", False)),
-      "remat_policy": config.model.get("remat_policy", "none"),
-      "compute_dtype": config.model.get("compute_dtype", "float32"),
+      "mesh": dict(trainer.mesh.shape), "task": config.task, "stage": config.get("stage"),
+      "grad_accum": int(config.train.get("grad_accum", 1)),
+      "global_batch": int(next(iter(batch.values())).shape[0]),
+      "batch": {k: [list(x.shape), str(x.dtype)] for k, x in batch.items()},
+      # The MLLM's sizes (None for UPN).
+      "seq_len": data.get("seq_len"), "max_objects": data.get("max_objects"),
+      "llm_layers": (model.get("llm") or {}).get("num_hidden_layers"),
+      "scan_layers": bool(model.get("scan_layers", False)),
+      "remat_policy": model.get("remat_policy", "none"),
+      "compute_dtype": model.get("compute_dtype", "float32"),
       "num_params": int(num_params), "compiler_options": dict(compiler_options or {}),
       "time_s": info["time_s"],
       "memory_analysis_per_device": mem,
@@ -517,6 +392,7 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "optimizer_state_shardings": info["opt_state_shardings"],
       "replicated_by_divisibility": [x["path"] for x in info["replicated_dims"]],
       "hbm_bytes_per_device": target.hbm_bytes,
+      "peak_flops_per_device": target.peak_flops,
       "fits": (None if target.hbm_bytes is None or peak is None else bool(peak <= target.hbm_bytes)),
       "flops_per_step": flops,
       "flops_note": ("per device, from compiled.cost_analysis(); XLA counts a while loop's body "
@@ -530,11 +406,14 @@ def format_report(r: dict) -> str:
     if not isinstance(b, (int, float)):
       return "n/a"
     return f"{b / GIB:.2f} GiB" if abs(b) >= 0.1 * GIB else f"{b / 2 ** 20:.2f} MiB"
+  batch = (f"{r['global_batch']} x {r['seq_len']} tokens" if r.get("seq_len") else
+           ", ".join(f"{k} {shape}" for k, (shape, _) in r["batch"].items()))
+  llm = (f"{r['llm_layers']} LLM layers (scan={r['scan_layers']}, remat={r['remat_policy']}), "
+         if r.get("llm_layers") else "")
   lines = [f"AOT train-step compile: {r['target']} via {r['path']} ({r['num_devices']} x "
            f"{r['device_kind']}), mesh {r['mesh']}",
            f"  {r['path_note']}",
-           f"  stage {r['stage']}, global batch {r['global_batch']} x {r['seq_len']} tokens, "
-           f"{r['llm_layers']} LLM layers (scan={r['scan_layers']}, remat={r['remat_policy']}), "
+           f"  {r['task']} {r['stage'] or ''}".rstrip() + f", global batch {batch}, {llm}"
            f"{r['num_params'] / 1e9:.4f} B params, grad_accum {r['grad_accum']}",
            f"  times (s): {r['time_s']}",
            "  per device (compiled.memory_analysis()):"]
@@ -603,8 +482,8 @@ def _parse(argv):
 
 @command("aot")
 def main(argv=None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  argv, overrides = split_overrides(argv)
+  full_argv = list(sys.argv[1:] if argv is None else argv)
+  argv, overrides = split_overrides(full_argv)
   args = _parse(argv).parse_args(argv)
 
   if args.write_golden:
@@ -640,7 +519,7 @@ def main(argv=None) -> int:
       except AOTError:
         want_cpu = True
     if want_cpu and len(jax.devices("cpu")) < target.num_devices:
-      return _reexec_with_cpu_devices(argv, target.num_devices)
+      return _reexec_with_cpu_devices(full_argv, target.num_devices)  # overrides included
 
   try:
     report = run(config, target, args.backend, args.shard_opt_state,

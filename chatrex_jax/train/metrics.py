@@ -7,6 +7,8 @@ from typing import Mapping, Optional
 
 import jax
 
+from chatrex_jax.train import accelerators
+
 
 class MetricWriter:
   """Writes scalars to `<workdir>/metrics.jsonl` and TensorBoard events (process 0 only)."""
@@ -56,14 +58,6 @@ def compiled_flops(compiled) -> Optional[float]:
   return float(cost["flops"])
 
 
-# Peak dense bf16 FLOP/s per chip, for MFU estimates (config `train.peak_flops` overrides).
-PEAK_FLOPS = {"TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v4": 275e12, "TPU v6 lite": 918e12,
-              "NVIDIA H100": 989e12, "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
-
-
 def peak_flops_per_device() -> Optional[float]:
-  kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name) or name in kind:
-      return flops
-  return None
+  """Peak dense bf16 FLOP/s of this host's devices, for MFU (`train.peak_flops` overrides)."""
+  return accelerators.peak_flops(jax.devices()[0].device_kind)

@@ -11,6 +11,7 @@ from chatrex_jax.configs import ConfigError
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, example_batch
 from chatrex_jax.protocol import tokens as C
 from chatrex_jax.train.optimizer import STAGE_PATTERNS
+from chatrex_jax.train.task import TrainTask
 from chatrex_jax.train.trainer import SelectKeys
 
 # What the train step reads: the model inputs and the labels.
@@ -75,7 +76,7 @@ def next_token_loss(logits, targets, valid, object_ids=None, dropped=None):
   return total, count, metrics
 
 
-class ChatRexTask:
+class ChatRexTask(TrainTask):
   """Binds model, stage mask and data pipeline for `chatrex_jax.train.trainer.Trainer`."""
 
   def __init__(self, config):
@@ -173,6 +174,16 @@ class ChatRexTask:
       targets = jnp.where(valid, targets, 0)
       dropped = jnp.int32(0)
     return next_token_loss(logits, targets, valid, self.object_ids, dropped)
+
+  def abstract_batch(self):
+    """MODEL_BATCH_KEYS of a global batch: data.batch_size rows of data.seq_len tokens,
+    data.max_objects boxes, images at the model's sizes (`example_batch`)."""
+    d = self.config.data
+    shapes = jax.eval_shape(lambda: example_batch(self.model_config, batch_size=int(d.batch_size),
+                                                  num_tokens=int(d.seq_len),
+                                                  max_objects=int(d.max_objects)))
+    shapes["labels"] = jax.ShapeDtypeStruct(shapes["token_ids"].shape, jnp.int32)
+    return {k: shapes[k] for k in MODEL_BATCH_KEYS}
 
   # -- data ------------------------------------------------------------------------------------
 

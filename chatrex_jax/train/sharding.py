@@ -40,6 +40,11 @@ FSDP_RULES: tuple[tuple[str, object], ...] = (
 )
 
 
+def config_rules(config) -> list[tuple]:
+  """The config's `logical_rules` (default FSDP_RULES) as (logical name, mesh axes) pairs."""
+  return [tuple(r) for r in config.get("logical_rules", FSDP_RULES)]
+
+
 class MeshError(UserError, ValueError):
   """`mesh` settings that do not fit the devices."""
 
@@ -94,3 +99,8 @@ def logical_shardings(abstract_tree, mesh: Mesh, rules=FSDP_RULES):
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Leading (batch) axis over ("data", "fsdp"), the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def with_shardings(tree, shardings):
+  """ShapeDtypeStructs of `tree`'s leaves (arrays or shapes) carrying `shardings` (same tree)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)

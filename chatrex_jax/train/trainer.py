@@ -1,17 +1,11 @@
 """The shared training loop (MLLM stages and UPN): sharded jitted steps, Orbax resume, metrics.
 
-A model family plugs in through a `TrainTask` (see `chatrex_jax/train/mllm_task.py`):
-
-  abstract_params()      boxed abstract tree (`jax.eval_shape(model.init, ...)`) -> shardings
-  init_params(rng)       parameters (called under jit with the sharded out_shardings)
-  loss(params, batch, rng) -> (loss_sum, denominator, metrics)   fp32 scalars
-  trainable_patterns() / frozen_patterns()  glob patterns over 'a/b/c' parameter paths
-  make_data(process_index, process_count) -> iterator of per-host numpy batches with
-                         get_state() / set_state()
-  group_lrs()            optional {pattern: peak lr} (UPN's backbone)
-  tokens_in(local_batch) tokens of a per-host batch (tokens/s)
-  model_flops(local_batch) optional analytic training FLOPs of a per-host batch (MFU); else
-                         XLA's cost analysis, which counts a scanned layer body only once
+A model family plugs in as a `chatrex_jax.train.task.TrainTask` (parameters, stage mask, loss,
+data, optional hooks). The trainer derives everything else from it: the mesh and logical rules
+of the config, parameter shardings from the logical axis names, the optimizer, the optimizer
+state sharded like its parameters, and the jitted step. `Trainer.abstract_state()`,
+`Trainer.abstract_batch()` and `Trainer.lower_train_step()` give that step without allocating
+anything, so the AOT check (`chatrex_jax.tools.aot`) compiles what `train()` runs.
 
 Gradient accumulation splits the global batch into `grad_accum` micro-batches scanned in
 one step; the loss is sum(loss_sum) / sum(denominator) over the whole batch, so accumulation
@@ -24,6 +18,7 @@ config refused earlier leaves no file behind.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -40,6 +35,7 @@ from chatrex_jax.train import checkpoint as ckpt_lib
 from chatrex_jax.train import metrics as metrics_lib
 from chatrex_jax.train import optimizer as opt_lib
 from chatrex_jax.train import sharding as sharding_lib
+from chatrex_jax.train.task import TrainTask
 
 
 class TrainingDiverged(RuntimeError):
@@ -134,47 +130,74 @@ class TrainResult:
 
 
 class Trainer:
-  """Builds mesh, shardings, state and the jitted step for a task; runs and resumes."""
+  """Builds mesh, shardings, state and the jitted step for a task; runs and resumes.
 
-  def __init__(self, config, task, workdir, devices=None):
-    import pathlib
+  workdir (checkpoints, metrics) is needed by `train` only: the abstract state and the
+  lowered step (AOT compilation) need none.
+  """
+
+  def __init__(self, config, task: TrainTask, workdir=None, devices=None):
     self.config = config
     self.task = task
-    self.workdir = pathlib.Path(workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
+    self.workdir = None if workdir is None else pathlib.Path(workdir)
+    if self.workdir is not None:
+      self.workdir.mkdir(parents=True, exist_ok=True)
     mesh_cfg = config.mesh
     self.mesh = sharding_lib.make_mesh(mesh_cfg.get("data", 1), mesh_cfg.get("fsdp", -1),
                                        mesh_cfg.get("tensor", 1), devices=devices)
-    self.rules = [tuple(r) for r in config.get("logical_rules", sharding_lib.FSDP_RULES)]
+    self.rules = sharding_lib.config_rules(config)
+    self._param_layout = None
     self._sigterm = False
 
   # -- state ---------------------------------------------------------------------------------
 
-  def _state_shardings(self):
-    abstract = self.task.abstract_params()
-    param_shardings = nn.unbox(sharding_lib.logical_shardings(abstract, self.mesh, self.rules))
-    mask = opt_lib.trainable_mask(nn.unbox(abstract), self.task.trainable_patterns(),
-                                  self.task.frozen_patterns())
-    tr_sh, fr_sh = opt_lib.partition(param_shardings, mask)
-    return abstract, param_shardings, mask, tr_sh, fr_sh
+  def param_layout(self):
+    """(boxed abstract params, param shardings, trainable mask, trainable shardings, frozen
+    shardings); derived once (`task.abstract_params()` traces the model's init)."""
+    if self._param_layout is None:
+      abstract = self.task.abstract_params()
+      param_shardings = nn.unbox(sharding_lib.logical_shardings(abstract, self.mesh, self.rules))
+      mask = opt_lib.trainable_mask(nn.unbox(abstract), self.task.trainable_patterns(),
+                                    self.task.frozen_patterns())
+      tr_sh, fr_sh = opt_lib.partition(param_shardings, mask)
+      self._param_layout = (abstract, param_shardings, mask, tr_sh, fr_sh)
+    return self._param_layout
+
+  def abstract_state(self) -> TrainState:
+    """The state `init_state` creates, as ShapeDtypeStructs carrying their shardings.
+
+    Nothing is allocated (the 7B model costs nothing). Builds the optimizer (`self.tx`,
+    `self.schedule`) on the trainable subtree.
+    """
+    abstract, _, mask, tr_sh, fr_sh = self.param_layout()
+    trainable, frozen = opt_lib.partition(nn.unbox(abstract), mask)
+    self.tx, self.schedule = opt_lib.make_optimizer(self.config.optim, group_lrs=self.task.group_lrs(),
+                                                    params=trainable)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    return TrainState(
+        step=sharding_lib.with_shardings(jax.ShapeDtypeStruct((), jnp.int32), replicated),
+        trainable=sharding_lib.with_shardings(trainable, tr_sh),
+        frozen=sharding_lib.with_shardings(frozen, fr_sh),
+        opt_state=sharding_lib.with_shardings(jax.eval_shape(self.tx.init, trainable),
+                                              self.opt_state_shardings(abstract, mask)),
+        rng=sharding_lib.with_shardings(rng, replicated))
 
   def init_state(self) -> TrainState:
-    cfg = self.config
-    abstract, param_shardings, mask, tr_sh, fr_sh = self._state_shardings()
-    seed = cfg.train.get("seed", 0)
-    pretrained = self.task.pretrained_params() if hasattr(self.task, "pretrained_params") else None
+    """The step-0 state with the shardings of `abstract_state`: pretrained or random parameters."""
+    shardings = jax.tree.map(lambda x: x.sharding, self.abstract_state())
+    _, param_shardings, mask, _, _ = self.param_layout()
+    seed = self.config.train.get("seed", 0)
+    pretrained = self.task.pretrained_params()
     if pretrained is not None:  # host arrays straight onto their shards
       params = jax.device_put(pretrained, param_shardings)
     else:  # no mesh context: Flax reshapes some boxed kernels inside init
       params = jax.jit(lambda r: nn.unbox(self.task.init_params(r)),
                        out_shardings=param_shardings)(jax.random.key(seed))
     trainable, frozen = opt_lib.partition(params, mask)
-    self.tx, self.schedule = opt_lib.make_optimizer(cfg.optim, group_lrs=self.task.group_lrs(),
-                                                    params=trainable)
-    opt_state = jax.jit(self.tx.init, out_shardings=self.opt_state_shardings(abstract, mask))(trainable)
-    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-    rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), replicated)
-    return TrainState(step=jax.device_put(jnp.int32(0), replicated), trainable=trainable,
+    opt_state = jax.jit(self.tx.init, out_shardings=shardings.opt_state)(trainable)
+    rng = jax.device_put(jax.random.key_data(jax.random.key(seed + 1)), shardings.rng)
+    return TrainState(step=jax.device_put(jnp.int32(0), shardings.step), trainable=trainable,
                       frozen=frozen, opt_state=opt_state, rng=rng)
 
   def opt_state_shardings(self, abstract, mask):
@@ -183,6 +206,24 @@ class Trainer:
     boxed_trainable, _ = opt_lib.partition(abstract, mask)
     return nn.unbox(sharding_lib.logical_shardings(jax.eval_shape(self.tx.init, boxed_trainable),
                                                    self.mesh, self.rules))
+
+  # -- step ----------------------------------------------------------------------------------
+
+  def abstract_batch(self) -> dict:
+    """The global batch of one step (`task.abstract_batch()`), sharded as `train` puts it."""
+    return {k: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                    sharding=sharding_lib.batch_sharding(self.mesh, len(x.shape)))
+            for k, x in self.task.abstract_batch().items()}
+
+  def lower_train_step(self, state: TrainState, batch):
+    """The jitted step (state donated, shardings kept) lowered for `state` and `batch`,
+    arrays or ShapeDtypeStructs with shardings, under the mesh and the logical-axis rules."""
+    step_fn = make_train_step(self.task, self.tx, self.config.train.get("grad_accum", 1))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+    jitted = jax.jit(step_fn, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                     donate_argnums=(0,))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      return jitted.lower(state, batch)
 
   # -- loop ----------------------------------------------------------------------------------
 
@@ -202,6 +243,8 @@ class Trainer:
     return jax.tree.map(put, local)
 
   def train(self, max_steps_this_run: Optional[int] = None, progress: bool = True) -> TrainResult:
+    if self.workdir is None:
+      raise ValueError("Trainer.train needs a workdir (checkpoints and metrics)")
     cfg = self.config
     tcfg = cfg.train
     total = int(cfg.optim.total_steps)
@@ -218,10 +261,6 @@ class Trainer:
       if data_state and hasattr(data, "set_state"):
         data.set_state(data_state)
       print(f"resumed from step {start} ({self.workdir / 'checkpoints'})", flush=True)
-    step_fn = make_train_step(self.task, self.tx, tcfg.get("grad_accum", 1))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-    jitted = jax.jit(step_fn, in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                     donate_argnums=(0,))
     writer = metrics_lib.MetricWriter(self.workdir)
     previous = signal.signal(signal.SIGTERM, self._on_sigterm)
     history, stopped_by = [], "done"
@@ -241,12 +280,13 @@ class Trainer:
           local = next(data)
           batch = self._global_batch(local)
           if step_exe is None:  # compiled once: the FLOP count and every step use this executable
-            step_exe = jitted.lower(state, batch).compile()
+            step_exe = self.lower_train_step(state, batch).compile()
             # XLA counts a scanned layer body once: the task's own count is preferred below
             flops = metrics_lib.compiled_flops(step_exe) or float("nan")
             peak = tcfg.get("peak_flops", None) or metrics_lib.peak_flops_per_device()
-          if hasattr(self.task, "model_flops"):
-            flops = float(self.task.model_flops(local)) * jax.process_count()
+          task_flops = self.task.model_flops(local)
+          if task_flops is not None:
+            flops = float(task_flops) * jax.process_count()
           t0 = time.perf_counter()
           state, m = step_exe(state, batch)
           m = jax.device_get(m)
@@ -259,8 +299,9 @@ class Trainer:
                 f"The last good checkpoint is step {ckpt.latest_step()} in {self.workdir / 'checkpoints'}. "
                 "Lower the learning rate, check the data, or use fp32 compute.")
           row = {k: float(v) for k, v in m.items() if k != "finite"}
-          if hasattr(self.task, "batch_signature"):  # data-order fingerprint, for resume checks
-            row["data_signature"] = float(self.task.batch_signature(local))
+          signature = self.task.batch_signature(local)
+          if signature is not None:  # data-order fingerprint, for resume checks
+            row["data_signature"] = float(signature)
           row.update(lr=float(self.schedule(step - 1)), step_time_s=dt,
                      tokens_per_s=float(self.task.tokens_in(local)) * jax.process_count() / dt)
           if flops == flops and peak:

@@ -25,12 +25,15 @@ import numpy as np
 from chatrex_jax.data.upn_data import PROMPT_IDS
 from chatrex_jax.models.upn.transformer import encoder_output_proposals
 from chatrex_jax.models.upn.upn import UPN, UPNConfig
+from chatrex_jax.train.task import TrainTask
 from chatrex_jax.train.trainer import SelectKeys
 from chatrex_jax.train.upn_losses import UPNLossConfig, count_boxes, upn_criterion
 
 PROMPTS = ("fine", "coarse")   # index = prompt id
 
 TASK_MODEL_KEYS = ("init_from", "freeze")   # model-section keys that are not UPNConfig fields
+# What the train step reads (`loss`) and `batch_signature` needs, of an `upn_data` batch.
+BATCH_KEYS = ("images", "mask", "boxes", "box_mask", "prompt_id", "num_boxes")
 
 
 def model_config(model_section) -> UPNConfig:
@@ -95,7 +98,7 @@ def select_prompt(outs: dict, prompt_id) -> dict:
                              "pred_boxes": pick("interm_boxes", 0)}}
 
 
-class UPNTask:
+class UPNTask(TrainTask):
   """Binds UPN, its criterion and the UPN data pipeline for `train.trainer.Trainer`.
 
   config sections: model (chatrex_jax/configs/upn_*.py), loss (UPNLossConfig fields, optional),
@@ -161,13 +164,23 @@ class UPNTask:
     metrics["num_boxes"] = raw
     return total * num, raw, metrics
 
+  def abstract_batch(self):
+    """BATCH_KEYS of a global batch: data.batch_size images on the data.max_size canvas,
+    data.max_targets boxes (the layout of `upn_data`)."""
+    d = self.config.data
+    b, side, targets = int(d.batch_size), int(d.max_size), int(d.max_targets)
+    shapes = {"images": ((b, side, side, 3), jnp.float32), "mask": ((b, side, side), jnp.bool_),
+              "boxes": ((b, targets, 4), jnp.float32), "box_mask": ((b, targets), jnp.bool_),
+              "prompt_id": ((b,), jnp.int32), "num_boxes": ((b,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(*shapes[k]) for k in BATCH_KEYS}
+
   # -- data ------------------------------------------------------------------------------------
 
   def make_data(self, process_index: int, process_count: int):
     from chatrex_jax.data import upn_data
     it = upn_data.make_upn_iterator(self.config.data, process_index=process_index,
                                     process_count=process_count)
-    return SelectKeys(it, ("images", "mask", "boxes", "box_mask", "prompt_id", "num_boxes"))
+    return SelectKeys(it, BATCH_KEYS)
 
   def batch_signature(self, local_batch) -> float:
     idx = np.asarray(local_batch["prompt_id"], np.int64) * 7 + np.asarray(local_batch["num_boxes"], np.int64)
