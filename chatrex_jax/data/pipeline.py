@@ -68,8 +68,7 @@ from chatrex_jax.protocol import image as image_protocol
 from chatrex_jax.protocol import templates, tokenize
 from chatrex_jax.protocol import tokens as C
 
-MODEL_KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
-              "source_index", "attention_mask", "position_ids")
+MODEL_KEYS = C.MODEL_INPUT_KEYS
 META_KEYS = ("num_boxes", "task_id", "source_id", "record_index", "epoch")
 # Config fields that do not change which example comes at which position (excluded from the
 # iterator-state fingerprint).

@@ -23,6 +23,7 @@ from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
 from chatrex_jax.inference.processor import ChatRexProcessor, ProcessedSample
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig
 from chatrex_jax.protocol import grammar as parser_lib
+from chatrex_jax.protocol import tokens as C
 
 
 @dataclasses.dataclass
@@ -73,9 +74,7 @@ class ChatRexPipeline:
     seq_len = -(-longest // self.seq_bucket) * self.seq_bucket
     arrays = self.processor.batch(samples, seq_len=seq_len, max_objects=self.max_objects,
                                   num_image_tokens=self.config.num_image_tokens)
-    keys = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
-            "source_index", "attention_mask", "position_ids")
-    return {k: jnp.asarray(arrays[k]) for k in keys}
+    return {k: jnp.asarray(arrays[k]) for k in C.MODEL_INPUT_KEYS}
 
   def generate(self, samples: Sequence[ProcessedSample], sampling: SamplingConfig) -> list[str]:
     n = len(samples)

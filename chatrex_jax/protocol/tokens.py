@@ -48,3 +48,8 @@ SOURCE_PAD = -1
 SOURCE_TEXT = 0
 SOURCE_IMAGE = 1
 SOURCE_OBJECT = 2
+
+# The arrays of one model batch (`models.chatrex.ChatRex.__call__`'s inputs): what the data
+# pipeline yields and the inference pipeline builds; training adds "labels".
+MODEL_INPUT_KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
+                    "source_index", "attention_mask", "position_ids")

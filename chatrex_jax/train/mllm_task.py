@@ -15,8 +15,7 @@ from chatrex_jax.train.task import TrainTask
 from chatrex_jax.train.trainer import SelectKeys
 
 # What the train step reads: the model inputs and the labels.
-MODEL_BATCH_KEYS = ("pixel_values", "pixel_values_aux", "boxes", "box_mask", "token_ids", "source",
-                    "source_index", "attention_mask", "position_ids", "labels")
+MODEL_BATCH_KEYS = (*C.MODEL_INPUT_KEYS, "labels")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
