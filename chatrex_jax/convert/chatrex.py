@@ -30,9 +30,6 @@ from chatrex_jax.convert import mapping, safetensors_io
 from chatrex_jax.convert import projector as projector_convert
 from chatrex_jax.convert.mapping import Rule
 from chatrex_jax.models.chatrex import ChatRexConfig
-from chatrex_jax.models.clip_vit import CLIPVisionConfig
-from chatrex_jax.models.convnext import ConvNeXtConfig
-from chatrex_jax.models.llm import LLMConfig
 
 LAYOUT_PREFIX = {"rexseek": "", "llava": "model."}
 
@@ -81,33 +78,34 @@ def config_from_checkpoint(hf: Mapping, specs: Mapping[str, tuple], *, tokenizer
   from config.json, the tensors and the tokenizer class together (`models.llm.infer_family`)."""
   layout = detect_layout(specs)
   mm = LAYOUT_PREFIX[layout]
-  llm = LLMConfig.from_hf(hf, qkv_bias=llm_convert.has_qkv_bias(specs), tokenizer_class=tokenizer_class,
-                          **llm_overrides)
   vt = f"{mm}vision_tower.vision_tower.vision_model."
   hidden = specs[f"{vt}embeddings.class_embedding"][0]
   patch = specs[f"{vt}embeddings.patch_embedding.weight"]
   positions = specs[f"{vt}embeddings.position_embedding.weight"][0]
   grid = int(round((positions - 1) ** 0.5))
   vision_cfg = dict(hf.get("vision_config") or {})
-  heads = vision_cfg.get("num_attention_heads", max(1, hidden // 64))
-  clip = CLIPVisionConfig(
+  clip = dict(
       hidden_size=hidden, intermediate_size=specs[f"{vt}encoder.layers.0.mlp.fc1.weight"][0],
       num_hidden_layers=_count(specs, re.escape(vt) + r"encoder\.layers\.(\d+)\."),
-      num_attention_heads=heads, image_size=grid * patch[-1], patch_size=patch[-1],
-      num_channels=patch[1], hidden_act=vision_cfg.get("hidden_act", "quick_gelu"),
+      num_attention_heads=vision_cfg.get("num_attention_heads", max(1, hidden // 64)),
+      image_size=grid * patch[-1], patch_size=patch[-1], num_channels=patch[1],
+      hidden_act=vision_cfg.get("hidden_act", "quick_gelu"),
       layer_norm_eps=vision_cfg.get("layer_norm_eps", 1e-5),
       select_layer=int(hf.get("mm_vision_select_layer", -2)),
       select_feature=hf.get("mm_vision_select_feature", "patch"))
   aux = f"{mm}vision_tower_aux."
   stages = _count(specs, re.escape(aux) + r"vision_stages\.(\d+)\.")
-  dims = tuple(specs[f"{aux}vision_stages.{s}.blocks.0.conv_dw.weight"][0] for s in range(stages))
-  depths = tuple(_count(specs, re.escape(aux) + rf"vision_stages\.{s}\.blocks\.(\d+)\.")
-                 for s in range(stages))
   stem = specs[f"{aux}vision_stem.0.weight"]
-  convnext = ConvNeXtConfig(depths=depths, dims=dims, in_chans=stem[1], patch_size=stem[-1],
-                            kernel_size=specs[f"{aux}vision_stages.0.blocks.0.conv_dw.weight"][-1])
-  aux_size = int(hf.get("aux_image_size", grid * convnext.patch_size * 2 ** (stages - 1)))
-  return ChatRexConfig(llm=llm, clip=clip, convnext=convnext, aux_image_size=aux_size)
+  convnext = dict(
+      depths=[_count(specs, re.escape(aux) + rf"vision_stages\.{s}\.blocks\.(\d+)\.") for s in range(stages)],
+      dims=[specs[f"{aux}vision_stages.{s}.blocks.0.conv_dw.weight"][0] for s in range(stages)],
+      in_chans=stem[1], patch_size=stem[-1],
+      kernel_size=specs[f"{aux}vision_stages.0.blocks.0.conv_dw.weight"][-1])
+  aux_size = int(hf.get("aux_image_size", grid * stem[-1] * 2 ** (stages - 1)))
+  return ChatRexConfig.from_dict(
+      dict(llm=hf, clip=clip, convnext=convnext, aux_image_size=aux_size),
+      llm_hints=dict(qkv_bias=llm_convert.has_qkv_bias(specs), tokenizer_class=tokenizer_class,
+                     **llm_overrides))
 
 
 def config_to_hf(config: ChatRexConfig) -> dict:

@@ -50,7 +50,7 @@ class ChatRexConfig:
 
   @classmethod
   def from_dict(cls, sizes: Mapping, *, dtype=None, scan_layers: bool = False,
-                remat_policy: str = "none") -> "ChatRexConfig":
+                remat_policy: str = "none", llm_hints: Mapping | None = None) -> "ChatRexConfig":
     """The one constructor from plain data (a training config's `model` sizes, a params dir's
     config.json, a golden fixture):
 
@@ -59,15 +59,17 @@ class ChatRexConfig:
        "llm_family": optional, where no tensors are at hand to tell the family by}
 
     dtype, scan_layers, remat_policy say how to compute, not what is stored (None dtype: each
-    config's default)."""
+    config's default). llm_hints: more keywords for `LLMConfig.from_hf` (the family evidence
+    of a checkpoint, `qkv_bias` / `tokenizer_class`, or LLMConfig fields)."""
     d = dict(sizes)
     missing = [k for k in ("llm", "clip", "convnext") if k not in d]
     if missing:
       raise ValueError(f"model sizes lack {missing}: give the LLM (HF config dict), clip and convnext")
     compute = {} if dtype is None else {"dtype": dtype}
     family = d.pop("llm_family", None)
-    llm = LLMConfig.from_hf(dict(d.pop("llm")), scan_layers=scan_layers, remat_policy=remat_policy,
-                            **({"family": family} if family else {}), **compute)
+    llm_kw = dict(scan_layers=scan_layers, remat_policy=remat_policy, **compute)
+    llm_kw.update(llm_hints or {})
+    llm = LLMConfig.from_hf(dict(d.pop("llm")), **({"family": family} if family else {}), **llm_kw)
     clip = CLIPVisionConfig.from_hf(d.pop("clip"), remat=remat_policy != "none", **compute)
     convnext = ConvNeXtConfig(**{k: tuple(v) if isinstance(v, list) else v
                                  for k, v in dict(d.pop("convnext")).items()}, **compute)
