@@ -43,7 +43,7 @@ from chatrex_jax.data import merge, tasks
 from chatrex_jax.models import merge as model_merge
 from chatrex_jax.protocol import prompts, templates, tokenize
 from chatrex_jax.protocol import tokens as C
-from chatrex_jax.train.task import TrainTask
+from chatrex_jax.train.task import TrainTask, token_signature
 
 ASSETS = pathlib.Path(__file__).with_name("assets") / "tiny_llm"
 
@@ -262,12 +262,6 @@ class TinyLLMTask(TrainTask):
   def trainable_patterns(self):
     return ("*",)
 
-  def frozen_patterns(self):
-    return ()
-
-  def group_lrs(self):
-    return None
-
   def logits(self, params, batch, rng):
     d = self.config.data
     x = slot_inputs(self.model, params, batch, rng, d.slot_noise, d.image_noise, d.num_image_tokens)
@@ -289,8 +283,7 @@ class TinyLLMTask(TrainTask):
                          process_index)
 
   def batch_signature(self, local_batch) -> float:
-    ids = np.asarray(local_batch["token_ids"], np.int64)
-    return float(np.sum(ids * np.arange(1, ids.size + 1).reshape(ids.shape)) % 1_000_003)
+    return token_signature(local_batch["token_ids"])
 
   def tokens_in(self, local_batch) -> float:
     return float(np.sum(local_batch["attention_mask"]))

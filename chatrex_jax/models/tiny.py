@@ -8,8 +8,6 @@ biases, RoPE theta 1e6 and RMS eps 1e-6; LLaMA (Vicuna, the release) none, 1e4 a
 """
 from __future__ import annotations
 
-import dataclasses
-
 from chatrex_jax.models.chatrex import ChatRexConfig
 
 CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -35,9 +33,7 @@ def tiny_config(vocab_size: int, *, family: str = "qwen2", hidden: int = 64, lay
                 clip_image_size: int = CLIP["image_size"], aux_image_size: int = AUX_IMAGE_SIZE,
                 **llm_overrides) -> ChatRexConfig:
   """ChatRexConfig of the tiny sizes (llm_overrides: LLMConfig fields)."""
-  config = ChatRexConfig.from_dict(dict(
+  return ChatRexConfig.from_dict(dict(
       llm=llm_hf(vocab_size, family=family, hidden=hidden, layers=layers),
-      clip=dict(CLIP, image_size=clip_image_size), convnext=CONVNEXT, aux_image_size=aux_image_size))
-  if llm_overrides:
-    config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, **llm_overrides))
-  return config
+      clip=dict(CLIP, image_size=clip_image_size), convnext=CONVNEXT, aux_image_size=aux_image_size),
+      llm_hints=llm_overrides)

@@ -23,6 +23,7 @@ GIB = 1024 ** 3
 class TopologyError(UserError, ValueError):
   """A topology name this project does not know."""
 
+
 # chips -> physical topology (3D torus generations: v4, v5p; 2D: v5e, v6e).
 SLICES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
              256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
@@ -85,15 +86,15 @@ def parse_topology(name: str) -> Target:
                   gen.hbm_bytes, gen.peak_flops)
   m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
   if not m:
-    raise TopologyError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, v6e-256, "
-                     "v5p:4x4x8 or cpu:8")
+    raise TopologyError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, "
+                        "v6e-256, v5p:4x4x8 or cpu:8")
   gen, count = GENERATIONS[m.group(1)], int(m.group(2))
   if count % gen.cores_per_device:
-    raise TopologyError(f"{name}: {m.group(1)}-N counts TensorCores ({gen.cores_per_device} per chip); "
-                     "N must be even")
+    raise TopologyError(f"{name}: {m.group(1)}-N counts TensorCores ({gen.cores_per_device} per "
+                        "chip); N must be even")
   chips = count // gen.cores_per_device
   if chips not in gen.slices:
     raise TopologyError(f"{name}: {chips} chips has no standard slice topology; known chip counts "
-                     f"{sorted(gen.slices)} (or pass a libtpu name like {gen.libtpu_name}:AxBxC)")
+                        f"{sorted(gen.slices)} (or pass a libtpu name like {gen.libtpu_name}:AxBxC)")
   return Target(name, "tpu", chips, f"{gen.libtpu_name}:{gen.slices[chips]}", gen.hbm_bytes,
                 gen.peak_flops)

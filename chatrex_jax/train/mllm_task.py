@@ -11,7 +11,7 @@ from chatrex_jax.configs import ConfigError
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, example_batch
 from chatrex_jax.protocol import tokens as C
 from chatrex_jax.train.optimizer import STAGE_PATTERNS
-from chatrex_jax.train.task import TrainTask
+from chatrex_jax.train.task import TrainTask, token_signature
 from chatrex_jax.train.trainer import SelectKeys
 
 # What the train step reads: the model inputs and the labels.
@@ -149,9 +149,6 @@ class ChatRexTask(TrainTask):
       out.append("vision_tower_aux/*")
     return out
 
-  def group_lrs(self):
-    return None
-
   # -- loss ------------------------------------------------------------------------------------
 
   def loss(self, params, batch, rng):
@@ -195,8 +192,7 @@ class ChatRexTask(TrainTask):
     return SelectKeys(it, MODEL_BATCH_KEYS)
 
   def batch_signature(self, local_batch) -> float:
-    ids = np.asarray(local_batch["token_ids"], np.int64)
-    return float(np.sum(ids * np.arange(1, ids.size + 1).reshape(ids.shape)) % 1_000_003)
+    return token_signature(local_batch["token_ids"])
 
   def model_flops(self, local_batch) -> float:
     """6 x (LLM parameters without embeddings) x tokens + attention (PaLM's MFU count);
