@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from chatrex_jax.convert import mapping
-from chatrex_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, Rule
+from chatrex_jax.convert.mapping import CONV2D, Rule
 from chatrex_jax.models.clip_vit import CLIPVisionConfig
 
 PREFIX_HF = "vision_model."
@@ -26,14 +26,13 @@ PREFIX_MLLM = "vision_tower.vision_tower.vision_model."
 def rules(cfg: CLIPVisionConfig, prefix: str = PREFIX_HF, flax_prefix: str = "") -> list[Rule]:
   """Every torch key of the vision tower under `prefix` <-> its Flax path under `flax_prefix`."""
   n = cfg.num_attention_heads
-  fp = flax_prefix.rstrip("/") + "/" if flax_prefix else ""
+  fp = mapping.flax_scope(flax_prefix)
   out = [
       Rule(f"{prefix}embeddings.patch_embedding.weight", f"{fp}embeddings/patch_embedding", CONV2D),
       Rule(f"{prefix}embeddings.class_embedding", f"{fp}embeddings/class_embedding"),
       Rule(f"{prefix}embeddings.position_embedding.weight", f"{fp}embeddings/position_embedding"),
   ]
-  out += [Rule(f"{prefix}pre_layrnorm.weight", f"{fp}pre_layrnorm/scale"),
-          Rule(f"{prefix}pre_layrnorm.bias", f"{fp}pre_layrnorm/bias")]
+  out += mapping.norm_rules(f"{prefix}pre_layrnorm", f"{fp}pre_layrnorm")
   # post_layernorm only makes the pooled CLS output, which the MLLM never reads (it takes
   # hidden_states[select_layer] patches): LLaVA-style towers may be saved without it.
   d = cfg.hidden_size
@@ -44,15 +43,14 @@ def rules(cfg: CLIPVisionConfig, prefix: str = PREFIX_HF, flax_prefix: str = "")
   for i in range(cfg.num_hidden_layers):
     t, f = f"{prefix}encoder.layers.{i}.", f"{fp}layers_{i}/"
     for proj in ("q_proj", "k_proj", "v_proj"):
-      out += [Rule(f"{t}self_attn.{proj}.weight", f"{f}self_attn/{proj}/kernel", mapping.linear_to_heads(n)),
-              Rule(f"{t}self_attn.{proj}.bias", f"{f}self_attn/{proj}/bias", mapping.bias_to_heads(n))]
-    out += [Rule(f"{t}self_attn.out_proj.weight", f"{f}self_attn/out_proj/kernel", mapping.heads_to_linear(n)),
-            Rule(f"{t}self_attn.out_proj.bias", f"{f}self_attn/out_proj/bias", IDENTITY)]
+      out += mapping.linear_rules(f"{t}self_attn.{proj}", f"{f}self_attn/{proj}",
+                                  layout=mapping.linear_to_heads(n), bias_layout=mapping.bias_to_heads(n))
+    out += mapping.linear_rules(f"{t}self_attn.out_proj", f"{f}self_attn/out_proj",
+                                layout=mapping.heads_to_linear(n))
     for ln in ("layer_norm1", "layer_norm2"):
-      out += [Rule(f"{t}{ln}.weight", f"{f}{ln}/scale"), Rule(f"{t}{ln}.bias", f"{f}{ln}/bias")]
+      out += mapping.norm_rules(f"{t}{ln}", f"{f}{ln}")
     for fc in ("fc1", "fc2"):
-      out += [Rule(f"{t}mlp.{fc}.weight", f"{f}{fc}/kernel", LINEAR),
-              Rule(f"{t}mlp.{fc}.bias", f"{f}{fc}/bias")]
+      out += mapping.linear_rules(f"{t}mlp.{fc}", f"{f}{fc}")
   return out
 
 

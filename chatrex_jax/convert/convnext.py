@@ -22,7 +22,7 @@ from typing import Iterable, Mapping
 import numpy as np
 
 from chatrex_jax.convert import mapping
-from chatrex_jax.convert.mapping import CONV2D, LINEAR, Rule
+from chatrex_jax.convert.mapping import Rule
 from chatrex_jax.models.convnext import ConvNeXtConfig
 
 PREFIX_MLLM = "vision_tower_aux."
@@ -60,28 +60,20 @@ def rules(cfg: ConvNeXtConfig, layout: str = "rexseek", prefix: str | None = Non
   """Every torch key of the trunk <-> its Flax path (under `flax_prefix`)."""
   lay = _layout(layout)
   p = lay.default_prefix if prefix is None else prefix
-  fp = flax_prefix.rstrip("/") + "/" if flax_prefix else ""
-
-  def norm(t, f):
-    return [Rule(f"{t}.weight", f"{f}/scale"), Rule(f"{t}.bias", f"{f}/bias")]
-
-  out = [Rule(f"{p}{lay.stem}.0.weight", f"{fp}stem_conv/kernel", CONV2D),
-         Rule(f"{p}{lay.stem}.0.bias", f"{fp}stem_conv/bias")]
-  out += norm(f"{p}{lay.stem}.1", f"{fp}stem_norm")
+  fp = mapping.flax_scope(flax_prefix)
+  out = mapping.conv_rules(f"{p}{lay.stem}.0", f"{fp}stem_conv")
+  out += mapping.norm_rules(f"{p}{lay.stem}.1", f"{fp}stem_norm")
   for s, depth in enumerate(cfg.depths):
     t, f = f"{p}{lay.stages}.{s}.", f"{fp}stages_{s}/"
     if s > 0:
-      out += norm(f"{t}downsample.0", f"{f}downsample_norm")
-      out += [Rule(f"{t}downsample.1.weight", f"{f}downsample_conv/kernel", CONV2D),
-              Rule(f"{t}downsample.1.bias", f"{f}downsample_conv/bias")]
+      out += mapping.norm_rules(f"{t}downsample.0", f"{f}downsample_norm")
+      out += mapping.conv_rules(f"{t}downsample.1", f"{f}downsample_conv")
     for b in range(depth):
       tb, fb = f"{t}blocks.{b}.", f"{f}blocks_{b}/"
-      out += [Rule(f"{tb}conv_dw.weight", f"{fb}conv_dw/kernel", CONV2D),
-              Rule(f"{tb}conv_dw.bias", f"{fb}conv_dw/bias")]
-      out += norm(f"{tb}norm", f"{fb}norm")
+      out += mapping.conv_rules(f"{tb}conv_dw", f"{fb}conv_dw")
+      out += mapping.norm_rules(f"{tb}norm", f"{fb}norm")
       for fc in ("fc1", "fc2"):
-        out += [Rule(f"{tb}mlp.{fc}.weight", f"{fb}{fc}/kernel", LINEAR),
-                Rule(f"{tb}mlp.{fc}.bias", f"{fb}{fc}/bias")]
+        out += mapping.linear_rules(f"{tb}mlp.{fc}", f"{fb}{fc}")
       if cfg.ls_init_value is not None:
         out.append(Rule(f"{tb}{lay.layer_scale}", f"{fb}layer_scale"))
   return out

@@ -167,10 +167,8 @@ def convert_hf_to_flax_checkpoint(src, dst, config: LLMConfig | None = None, *,
   _check_tied(ckpt, config, prefix)
   the_rules = rules(config, prefix)
   ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
-  known = {k for r in the_rules for k in r.torch_keys}
-  import fnmatch
   missing = [r.torch_key for r in the_rules if not any(k in ckpt for k in r.torch_keys)]
-  unexpected = [k for k in ckpt if k not in known and not any(fnmatch.fnmatchcase(k, p) for p in ignore)]
+  unexpected = mapping.unused_keys(ckpt, the_rules, ignore)
   if missing or unexpected:
     raise mapping.ConversionError("LLM conversion", missing, unexpected)
 

@@ -115,26 +115,30 @@ class ConversionError(UserError, ValueError):
     super().__init__("\n".join(parts))
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, object]:
-  out = {}
-  for k, v in tree.items():
-    path = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, path))
-    else:
-      out[path] = v
-  return out
+def flatten(tree: Mapping) -> dict[str, object]:
+  """Nested dicts -> {'a/b/c': leaf}; empty sub-dicts vanish (`unflatten` is the inverse)."""
+  from flax import traverse_util
+  return traverse_util.flatten_dict(tree if isinstance(tree, dict) else dict(tree), sep="/")
 
 
 def unflatten(flat: Mapping[str, object]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    *parents, leaf = path.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  """{'a/b/c': leaf} -> nested dicts."""
+  from flax import traverse_util
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
+
+
+def is_flax_keyed(names: Iterable[str]) -> bool:
+  """Flax-path keys ('a/b/c', 'level_embed') vs torch keys ('a.b.c'): a torch state dict
+  names every tensor module.attribute, a Flax path never holds a dot."""
+  names = list(names)
+  return bool(names) and not any("." in n for n in names)
+
+
+def unused_keys(keys: Iterable[str], rules: Sequence[Rule], ignore: Iterable[str] = ()) -> list[str]:
+  """The torch keys (in `keys` order) that no rule reads and no glob in `ignore` covers."""
+  used = {k for r in rules for k in r.torch_keys}
+  ignore = tuple(ignore)
+  return [k for k in keys if k not in used and not any(fnmatch.fnmatchcase(k, pat) for pat in ignore)]
 
 
 def _shape_of(x) -> tuple[int, ...]:
@@ -160,13 +164,10 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
     from flax.core import meta  # boxed (logically partitioned) trees from `init`/`eval_shape`
     expected = meta.unbox(expected)
   expected_flat = flatten(expected) if expected is not None else None
-  ignore = tuple(ignore)
   missing, misshaped, other, out = [], [], [], {}
   filled_here: list[str] = []
-  used: set[str] = set()
   for rule in rules:
     present = [k for k in rule.torch_keys if k in state]
-    used.update(present)
     if not present and rule.fill_if_missing is not None:
       out[rule.flax_path] = np.asarray(rule.fill_if_missing())
       filled_here.append(rule.torch_key)
@@ -198,10 +199,7 @@ def to_flax(state: Mapping[str, Array], rules: Sequence[Rule], *, what: str = "c
   if expected_flat is not None:
     covered = {r.flax_path for r in rules}
     missing += [f"(no rule) {p}" for p in expected_flat if p not in covered]
-  unexpected = []
-  if strict:
-    unexpected = [k for k in state if k not in used
-                  and not any(fnmatch.fnmatchcase(k, pat) for pat in ignore)]
+  unexpected = unused_keys(state, rules, ignore) if strict else []
   if missing or unexpected or misshaped or other:
     raise ConversionError(what, missing, unexpected, misshaped, other)
   if filled is not None:
@@ -254,3 +252,56 @@ def expand(template: Sequence[tuple[str, str, Layout]], **ranges: int) -> list[R
       combos = [dict(c, **{f: i}) for c in combos for i in range(ranges[f])]
     rules += [Rule(torch_key.format(**c), flax_path.format(**c), layout) for c in combos]
   return rules
+
+
+def check_tree(params: Mapping, expected: Mapping, what: str) -> None:
+  """Flax params (e.g. restored from Orbax) vs the model's (abstract) parameter tree: every
+  missing, unexpected and mis-shaped path in one `ConversionError`."""
+  from flax.core import meta
+  want = flatten(meta.unbox(expected))
+  got = flatten(params)
+  missing = sorted(set(want) - set(got))
+  unexpected = sorted(set(got) - set(want))
+  misshaped = [f"{k}: {tuple(np.shape(got[k]))} vs model {tuple(want[k].shape)}"
+               for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
+  if missing or unexpected or misshaped:
+    raise ConversionError(what, missing, unexpected, misshaped)
+
+
+# ----------------------------------------------------------------------------- rule builders
+# The torch modules every family is made of, as rules. `torch_module` is the module's key
+# without the trailing dot ("encoder.layers.0.mlp.fc1"), `flax_module` its Flax path
+# ("layers_0/fc1"); the parameter names are appended as torch and Flax spell them.
+
+def flax_scope(flax_prefix: str) -> str:
+  """A Flax sub-tree to prefix paths with: "vision_tower" (or "vision_tower/") ->
+  "vision_tower/"; "" (the tree's root) -> ""."""
+  return flax_prefix.rstrip("/") + "/" if flax_prefix else ""
+
+
+def linear_rules(torch_module: str, flax_module: str, *, bias: bool = True, layout: Layout = LINEAR,
+                 bias_layout: Layout = IDENTITY) -> list[Rule]:
+  """nn.Linear: `.weight` <-> `/kernel` (`layout`: transposed, or split into heads) and
+  `.bias` <-> `/bias`."""
+  out = [Rule(f"{torch_module}.weight", f"{flax_module}/kernel", layout)]
+  if bias:
+    out.append(Rule(f"{torch_module}.bias", f"{flax_module}/bias", bias_layout))
+  return out
+
+
+def norm_rules(torch_module: str, flax_module: str) -> list[Rule]:
+  """nn.LayerNorm (and LayerNorm2d): `.weight` <-> `/scale`, `.bias` <-> `/bias`."""
+  return [Rule(f"{torch_module}.weight", f"{flax_module}/scale"),
+          Rule(f"{torch_module}.bias", f"{flax_module}/bias")]
+
+
+def conv_rules(torch_module: str, flax_module: str) -> list[Rule]:
+  """nn.Conv2d: `.weight` [O, I, kh, kw] <-> `/kernel` [kh, kw, I, O], `.bias` <-> `/bias`."""
+  return [Rule(f"{torch_module}.weight", f"{flax_module}/kernel", CONV2D),
+          Rule(f"{torch_module}.bias", f"{flax_module}/bias")]
+
+
+def mlp_rules(torch_module: str, flax_module: str, num_layers: int) -> list[Rule]:
+  """A DETR-style MLP (`.layers.{k}`, a list of nn.Linear) <-> `/layers_{k}`."""
+  return [r for k in range(num_layers)
+          for r in linear_rules(f"{torch_module}.layers.{k}", f"{flax_module}/layers_{k}")]

@@ -10,16 +10,15 @@ from typing import Mapping
 import numpy as np
 
 from chatrex_jax.convert import mapping
-from chatrex_jax.convert.mapping import LINEAR, Rule
+from chatrex_jax.convert.mapping import Rule
 
 PREFIX_IMAGE = "mm_projector."
 PREFIX_OBJECT = "mm_object_projector."
 
 
 def rules(prefix: str = PREFIX_IMAGE, flax_prefix: str = "") -> list[Rule]:
-  fp = flax_prefix.rstrip("/") + "/" if flax_prefix else ""
-  return [Rule(f"{prefix}0.weight", f"{fp}fc1/kernel", LINEAR), Rule(f"{prefix}0.bias", f"{fp}fc1/bias"),
-          Rule(f"{prefix}2.weight", f"{fp}fc2/kernel", LINEAR), Rule(f"{prefix}2.bias", f"{fp}fc2/bias")]
+  fp = mapping.flax_scope(flax_prefix)
+  return mapping.linear_rules(f"{prefix}0", f"{fp}fc1") + mapping.linear_rules(f"{prefix}2", f"{fp}fc2")
 
 
 def to_flax(state: Mapping[str, np.ndarray], *, prefix: str = PREFIX_IMAGE, expected=None,

@@ -13,41 +13,19 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import pathlib
 from typing import Iterable, Mapping
 
 import numpy as np
 
 from chatrex_jax.convert import mapping
-from chatrex_jax.convert.mapping import CONV2D, IDENTITY, LINEAR, ConversionError, Rule
+from chatrex_jax.convert.mapping import (IDENTITY, LINEAR, ConversionError, Rule, conv_rules,
+                                        linear_rules, mlp_rules, norm_rules)
 from chatrex_jax.models.upn.swin import relative_position_index
 from chatrex_jax.models.upn.upn import UPNConfig
 
 BACKBONE = "backbone.model.backbone."
 BUFFER_PATTERN = "*.attn.relative_position_index"
-
-
-def _linear(torch_prefix: str, flax_prefix: str, bias: bool = True) -> list[Rule]:
-  out = [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", LINEAR)]
-  if bias:
-    out.append(Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias"))
-  return out
-
-
-def _norm(torch_prefix: str, flax_prefix: str) -> list[Rule]:
-  return [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/scale"),
-          Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias")]
-
-
-def _conv(torch_prefix: str, flax_prefix: str) -> list[Rule]:
-  return [Rule(f"{torch_prefix}.weight", f"{flax_prefix}/kernel", CONV2D),
-          Rule(f"{torch_prefix}.bias", f"{flax_prefix}/bias")]
-
-
-def _mlp(torch_prefix: str, flax_prefix: str, num_layers: int) -> list[Rule]:
-  return [r for k in range(num_layers)
-          for r in _linear(f"{torch_prefix}.layers.{k}", f"{flax_prefix}/layers_{k}")]
 
 
 def _zero_filled(rules_: list[Rule], shapes: Mapping[str, tuple]) -> list[Rule]:
@@ -61,29 +39,29 @@ def msdeform_attn_rules(torch_prefix: str = "", flax_prefix: str = "") -> list[R
   tp = f"{torch_prefix}." if torch_prefix else ""
   fp = f"{flax_prefix}/" if flax_prefix else ""
   return [r for n in ("sampling_offsets", "attention_weights", "value_proj", "output_proj")
-          for r in _linear(f"{tp}{n}", f"{fp}{n}")]
+          for r in linear_rules(f"{tp}{n}", f"{fp}{n}")]
 
 
 def swin_rules(config, torch_prefix: str = BACKBONE, flax_prefix: str = "backbone") -> list[Rule]:
   """Rules of the Swin backbone (buffers excluded); config: SwinConfig."""
   t, f = torch_prefix, flax_prefix
-  rules = _conv(f"{t}patch_embed.proj", f"{f}/patch_embed/proj") + _norm(
+  rules = conv_rules(f"{t}patch_embed.proj", f"{f}/patch_embed/proj") + norm_rules(
       f"{t}patch_embed.norm", f"{f}/patch_embed/norm")
   for i, depth in enumerate(config.depths):
     for j in range(depth):
       tb, fb = f"{t}layers.{i}.blocks.{j}", f"{f}/layers_{i}_blocks_{j}"
-      rules += _norm(f"{tb}.norm1", f"{fb}/norm1") + _norm(f"{tb}.norm2", f"{fb}/norm2")
+      rules += norm_rules(f"{tb}.norm1", f"{fb}/norm1") + norm_rules(f"{tb}.norm2", f"{fb}/norm2")
       rules.append(Rule(f"{tb}.attn.relative_position_bias_table",
                         f"{fb}/attn/relative_position_bias_table"))
-      rules += _linear(f"{tb}.attn.qkv", f"{fb}/attn/qkv", config.qkv_bias)
-      rules += _linear(f"{tb}.attn.proj", f"{fb}/attn/proj")
-      rules += _linear(f"{tb}.mlp.fc1", f"{fb}/mlp/fc1") + _linear(f"{tb}.mlp.fc2", f"{fb}/mlp/fc2")
+      rules += linear_rules(f"{tb}.attn.qkv", f"{fb}/attn/qkv", bias=config.qkv_bias)
+      rules += linear_rules(f"{tb}.attn.proj", f"{fb}/attn/proj")
+      rules += linear_rules(f"{tb}.mlp.fc1", f"{fb}/mlp/fc1") + linear_rules(f"{tb}.mlp.fc2", f"{fb}/mlp/fc2")
     if i < len(config.depths) - 1:
-      rules += _norm(f"{t}layers.{i}.downsample.norm", f"{f}/layers_{i}_downsample/norm")
-      rules += _linear(f"{t}layers.{i}.downsample.reduction", f"{f}/layers_{i}_downsample/reduction",
-                       bias=False)
+      rules += norm_rules(f"{t}layers.{i}.downsample.norm", f"{f}/layers_{i}_downsample/norm")
+      rules += linear_rules(f"{t}layers.{i}.downsample.reduction", f"{f}/layers_{i}_downsample/reduction",
+                            bias=False)
   for i in config.out_indices:
-    rules += _norm(f"{t}norm{i}", f"{f}/norm{i}")
+    rules += norm_rules(f"{t}norm{i}", f"{f}/norm{i}")
   return rules
 
 
@@ -98,33 +76,33 @@ def rules(config: UPNConfig) -> list[Rule]:
   """The full torch <-> Flax key map of UPN."""
   out = swin_rules(config.swin)
   for lvl in range(config.num_feature_levels):
-    out += _conv(f"input_proj.{lvl}.0", f"input_proj_{lvl}/conv")
-    out += _norm(f"input_proj.{lvl}.1", f"input_proj_{lvl}/norm")
+    out += conv_rules(f"input_proj.{lvl}.0", f"input_proj_{lvl}/conv")
+    out += norm_rules(f"input_proj.{lvl}.1", f"input_proj_{lvl}/norm")
   t = "transformer."
   out += [Rule(f"{t}level_embed", "level_embed"), Rule(f"{t}tgt_embed.weight", "tgt_embed"),
           Rule(f"{t}fine_grained_prompt.weight", "fine_grained_prompt"),
           Rule(f"{t}coarse_grained_prompt.weight", "coarse_grained_prompt")]
-  out += _linear(f"{t}enc_output", "enc_output") + _norm(f"{t}enc_output_norm", "enc_output_norm")
-  out += _mlp(f"{t}enc_out_bbox_embed", "enc_out_bbox_embed", 3)
+  out += linear_rules(f"{t}enc_output", "enc_output") + norm_rules(f"{t}enc_output_norm", "enc_output_norm")
+  out += mlp_rules(f"{t}enc_out_bbox_embed", "enc_out_bbox_embed", 3)
   for i in range(config.enc_layers):
     tl, fl = f"{t}encoder.layers.{i}", f"encoder/layers_{i}"
     out += msdeform_attn_rules(f"{tl}.self_attn", f"{fl}/self_attn")
-    out += _norm(f"{tl}.norm1", f"{fl}/norm1") + _norm(f"{tl}.norm2", f"{fl}/norm2")
-    out += _linear(f"{tl}.linear1", f"{fl}/linear1") + _linear(f"{tl}.linear2", f"{fl}/linear2")
+    out += norm_rules(f"{tl}.norm1", f"{fl}/norm1") + norm_rules(f"{tl}.norm2", f"{fl}/norm2")
+    out += linear_rules(f"{tl}.linear1", f"{fl}/linear1") + linear_rules(f"{tl}.linear2", f"{fl}/linear2")
   for i in range(config.dec_layers):
     tl, fl = f"{t}decoder.layers.{i}", f"decoder/layers_{i}"
     out += msdeform_attn_rules(f"{tl}.cross_attn", f"{fl}/cross_attn")
     out += [Rule(f"{tl}.self_attn.in_proj_weight", f"{fl}/self_attn/in_proj_kernel", LINEAR),
             Rule(f"{tl}.self_attn.in_proj_bias", f"{fl}/self_attn/in_proj_bias")]
-    out += _linear(f"{tl}.self_attn.out_proj", f"{fl}/self_attn/out_proj")
+    out += linear_rules(f"{tl}.self_attn.out_proj", f"{fl}/self_attn/out_proj")
     for n in ("norm1", "norm2", "norm3"):
-      out += _norm(f"{tl}.{n}", f"{fl}/{n}")
-    out += _linear(f"{tl}.linear1", f"{fl}/linear1") + _linear(f"{tl}.linear2", f"{fl}/linear2")
-  out += _norm(f"{t}decoder.norm", "decoder/norm")
-  out += _mlp(f"{t}decoder.ref_point_head", "decoder/ref_point_head", 2)
+      out += norm_rules(f"{tl}.{n}", f"{fl}/{n}")
+    out += linear_rules(f"{tl}.linear1", f"{fl}/linear1") + linear_rules(f"{tl}.linear2", f"{fl}/linear2")
+  out += norm_rules(f"{t}decoder.norm", "decoder/norm")
+  out += mlp_rules(f"{t}decoder.ref_point_head", "decoder/ref_point_head", 2)
   # The decoder adds 0 * ref_point_head_point(zeros): a checkpoint may lack these weights.
   d = config.d_model
-  out += _zero_filled(_mlp(f"{t}decoder.ref_point_head_point", "decoder/ref_point_head_point", 2), {
+  out += _zero_filled(mlp_rules(f"{t}decoder.ref_point_head_point", "decoder/ref_point_head_point", 2), {
       f"decoder/ref_point_head_point/layers_{k}/{p}": ((d, d) if p == "kernel" else (d,))
       for k in range(2) for p in ("kernel", "bias")})
   # The shared box MLP: one tensor under 2 * dec_layers names.
@@ -194,8 +172,7 @@ def to_flax(state: Mapping[str, np.ndarray], config: UPNConfig, *, strict: bool 
   filled: list[str] = []
   params = mapping.to_flax(state, rs, what="UPN", expected=expected, ignore=(BUFFER_PATTERN,),
                            strict=strict, dtype=dtype, filled=filled)
-  used = {k for r in rs for k in r.torch_keys}
-  unexpected = sorted(k for k in state if k not in used and not fnmatch.fnmatchcase(k, BUFFER_PATTERN))
+  unexpected = sorted(mapping.unused_keys(state, rs, (BUFFER_PATTERN,)))
   missing_aliases = sorted(a for r in rs for a in r.aliases if a not in state)
   return params, LoadReport(unexpected, missing_aliases, filled)
 
@@ -279,5 +256,4 @@ def load_params(path, config: UPNConfig | None = None, *, dtype=None,
 
 def unused(keys: Iterable[str], config: UPNConfig) -> list[str]:
   """Keys of a state dict that no rule (and no buffer) accounts for."""
-  used = {k for r in rules(config) for k in r.torch_keys}
-  return [k for k in keys if k not in used and not fnmatch.fnmatchcase(k, BUFFER_PATTERN)]
+  return mapping.unused_keys(keys, rules(config), (BUFFER_PATTERN,))
