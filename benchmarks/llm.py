@@ -48,7 +48,7 @@ def child(args):
     from chatrex_jax.convert import llm as llm_convert
     from chatrex_jax.inference.generate import SamplingConfig, generate
     from chatrex_jax.models.llm import CausalLM
-    config, params = llm_convert.load_hf(args.ckpt)
+    config, params = llm_convert.load(args.ckpt)
     params = jax.device_put(params)
     model = CausalLM(config)
     if args.task == "train":

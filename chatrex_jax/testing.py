@@ -125,7 +125,7 @@ def make_release_checkpoint(dst, sentencepiece_model, *, seed: int = 0, hidden: 
   config = tiny_config(len(tok), family="llama", hidden=hidden, rms_norm_eps=1e-5)
   config = dataclasses.replace(config, llm=dataclasses.replace(config.llm, model_type="chatrex"))
   params = meta.unbox(init_params(config, jax.random.key(seed)))["params"]
-  chatrex_convert.save_checkpoint(params, config, dst, tokenizer=tok)
+  chatrex_convert.save(params, config, dst, tokenizer=tok)
   hf = json.loads((dst / "config.json").read_text())
   for key in ("architectures", "attention_bias"):
     hf.pop(key, None)

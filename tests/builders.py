@@ -1,5 +1,5 @@
 """Builders the test modules share (no test module imports another): synthetic engine records
-and datasets, and random HF reference LLMs with their Flax conversion."""
+and datasets, random HF reference LLMs with their Flax conversion, random parameter trees."""
 from __future__ import annotations
 
 import json
@@ -131,7 +131,7 @@ def to_flax(model, state, **overrides):
   config = LLMConfig.from_hf(model.config.to_dict(), **overrides)
   jmodel = CausalLM(config)
   expected = jax.eval_shape(jmodel.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  return config, jmodel, llm_convert.from_torch_state(state, config, expected=expected)
+  return config, jmodel, llm_convert.to_flax(state, config, expected=expected)
 
 
 def write_tiny_checkpoint(root):
@@ -145,5 +145,22 @@ def write_tiny_checkpoint(root):
   tok = build_tiny_tokenizer(root / "tok")
   config = tiny_config(len(tok))
   params = meta.unbox(init_params(config, jax.random.key(0)))["params"]
-  chatrex_convert.save_checkpoint(params, config, root / "model", tokenizer=tok)
+  chatrex_convert.save(params, config, root / "model", tokenizer=tok)
   return root / "model"
+
+
+def random_like(abstract, seed: int):
+  """Random fp32 values of an abstract (eval_shape) parameter tree."""
+  import flax.linen as nn
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), nn.unbox(abstract))
+
+
+def assert_same_tree(a, b):
+  """Same paths, dtypes, shapes and values in two parameter trees."""
+  from chatrex_jax.convert import mapping
+  fa, fb = mapping.flatten(a), mapping.flatten(b)
+  assert fa.keys() == fb.keys()
+  for k in fa:
+    x, y = np.asarray(fa[k]), np.asarray(fb[k])
+    assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), k

@@ -20,7 +20,7 @@ from chatrex_jax.tools.equivalence.registry import Fixture
 def golden(golden_dir):
   fx = Fixture(golden_dir / "chatrex_forward")
   config = fixture_config(fx.config)
-  params = chatrex_convert.from_torch_state(fx.weights(), config)
+  params = chatrex_convert.to_flax(fx.weights(), config)
   return fx, config, params
 
 
@@ -66,14 +66,14 @@ def test_checkpoint_round_trip_is_bit_identical(golden, layout, tmp_path):
   if layout == "llava":  # the same tensors under LLaVA-style names
     mm = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
     state = {("model." + k if k.startswith(mm) else k): v for k, v in state.items()}
-  dst = chatrex_convert.save_checkpoint(params, config, tmp_path / "ckpt", layout=layout,
+  dst = chatrex_convert.save(params, config, tmp_path / "ckpt", layout=layout,
                                         max_shard_bytes=256 * 1024)
   written = safetensors_io.Checkpoint(dst)
   assert set(written) == set(state)
   for k, v in state.items():
     assert written[k].dtype == v.dtype and np.array_equal(written[k], v), k
   # The folder is self-describing: config recovered from config.json + tensor shapes.
-  config2, params2, found = chatrex_convert.load_checkpoint(dst)
+  config2, params2, found = chatrex_convert.load(dst)
   assert found == layout
   assert config2.clip == config.clip and config2.convnext == config.convnext
   assert config2.llm == config.llm and config2.aux_image_size == config.aux_image_size
@@ -85,7 +85,7 @@ def test_conversion_refuses_unknown_layout_and_reports_all_keys(golden):
   state = {k: v for k, v in fx.weights().items() if not k.startswith("mm_object_projector.")}
   state["mm_projector.9.weight"] = np.zeros(1, np.float32)
   with pytest.raises(ValueError) as err:
-    chatrex_convert.from_torch_state(state, config)
+    chatrex_convert.to_flax(state, config)
   msg = str(err.value)
   assert "mm_object_projector.0.weight" in msg and "mm_projector.9.weight" in msg
   with pytest.raises(ValueError, match="not a ChatRex"):

@@ -1,6 +1,5 @@
 """`chatrex-jax convert`: every subcommand round-trips bit-identically through main(argv), and
 user mistakes exit with code 2 and a message naming the problem."""
-import json
 import pathlib
 
 import flax.linen as nn
@@ -12,20 +11,15 @@ import torch
 
 from chatrex_jax.convert import chatrex as chatrex_convert
 from chatrex_jax.convert import llm as llm_convert
-from chatrex_jax.convert import mapping, safetensors_io
+from chatrex_jax.convert import mapping, safetensors_io, torch_files
 from chatrex_jax.convert import upn as upn_convert
 from chatrex_jax.models.chatrex import ChatRex, example_batch
 from chatrex_jax.models.llm import CausalLM, LLMConfig
 from chatrex_jax.models.tiny import tiny_config
 from chatrex_jax.tools import convert
+from tests.builders import assert_same_tree, random_like
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def random_like(abstract, seed: int):
-  """Random fp32 values of an abstract (eval_shape) parameter tree."""
-  rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), nn.unbox(abstract))
 
 
 def assert_same_tensors(a_dir, b_dir, rename=lambda k: k):
@@ -39,14 +33,6 @@ def assert_same_tensors(a_dir, b_dir, rename=lambda k: k):
   a.close()
   b.close()
   return n
-
-
-def assert_same_tree(a, b):
-  fa, fb = mapping.flatten(a), mapping.flatten(b)
-  assert fa.keys() == fb.keys()
-  for k in fa:
-    x, y = np.asarray(fa[k]), np.asarray(fb[k])
-    assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), k
 
 
 def run(argv, capsys):
@@ -64,7 +50,7 @@ def test_llm_hf_to_flax_and_back_is_bit_identical(family, tied, tmp_path, capsys
                      attention_bias=family == "qwen2", tie_word_embeddings=tied)
   abstract = jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   params = random_like(abstract, seed=1)
-  hf = llm_convert.save_hf(params, config, tmp_path / "hf", max_shard_bytes=16 * 1024)
+  hf = llm_convert.save(params, config, tmp_path / "hf", max_shard_bytes=16 * 1024)
   assert (hf / safetensors_io.INDEX_NAME).exists()  # sharded source
   (hf / "tokenizer_config.json").write_text('{"model_max_length": 64}')
 
@@ -80,7 +66,7 @@ def test_llm_hf_to_flax_and_back_is_bit_identical(family, tied, tmp_path, capsys
   assert "Flax -> HF" in out and f"{n} tensors" in out
   assert assert_same_tensors(hf, tmp_path / "back") == n
   assert (tmp_path / "back" / "tokenizer_config.json").exists()
-  config2, params2 = llm_convert.load_hf(tmp_path / "back")
+  config2, params2 = llm_convert.load(tmp_path / "back")
   assert config2 == config
   assert_same_tree(params2, params)
 
@@ -94,7 +80,7 @@ def chatrex_official(tmp_path_factory):
   abstract = jax.eval_shape(ChatRex(config).init, jax.random.key(0), example_batch(config))["params"]
   params = random_like(abstract, seed=2)
   src = tmp_path_factory.mktemp("chatrex") / "official"
-  chatrex_convert.save_checkpoint(params, config, src, layout="rexseek", max_shard_bytes=128 * 1024)
+  chatrex_convert.save(params, config, src, layout="rexseek", max_shard_bytes=128 * 1024)
   (src / "special_tokens_map.json").write_text("{}")
   return config, params, src
 
@@ -108,7 +94,7 @@ def test_chatrex_layouts_round_trip_bit_identically(chatrex_official, tmp_path, 
   mm = ("vision_tower.", "vision_tower_aux.", "mm_projector.", "mm_object_projector.")
   n = assert_same_tensors(src, tmp_path / "llava", lambda k: "model." + k if k.startswith(mm) else k)
   assert f"{n} tensors" in out
-  config2, params2, layout = chatrex_convert.load_checkpoint(tmp_path / "llava")
+  config2, params2, layout = chatrex_convert.load(tmp_path / "llava")
   assert layout == "llava" and config2 == config
   assert_same_tree(params2, params)
   assert (tmp_path / "llava" / "special_tokens_map.json").exists()
@@ -125,14 +111,15 @@ def test_chatrex_official_to_orbax_and_back_is_bit_identical(chatrex_official, t
   assert code == 0, err
   assert (tmp_path / "orbax" / "params").is_dir() and (tmp_path / "orbax" / "special_tokens_map.json").exists()
   assert f"{len(mapping.flatten(params))} tensors" in out and "-> Orbax params" in out
-  assert_same_tree(convert.load_orbax_params(tmp_path / "orbax" / "params"), params)
-  assert chatrex_convert.config_from_json(json.loads((tmp_path / "orbax" / "config.json").read_text())) == config
+  orbax_config, orbax_params = chatrex_convert.load_orbax(tmp_path / "orbax")
+  assert_same_tree(orbax_params, params)
+  assert orbax_config == config
 
   code, out, err = run(["chatrex", "--from", tmp_path / "orbax", "--to", tmp_path / "official"], capsys)
   assert code == 0, err
   assert "Orbax -> official (rexseek layout)" in out
   assert_same_tensors(src, tmp_path / "official")
-  config2, params2, _ = chatrex_convert.load_checkpoint(tmp_path / "official")
+  config2, params2, _ = chatrex_convert.load(tmp_path / "official")
   assert config2 == config
   assert_same_tree(params2, params)
 
@@ -157,13 +144,13 @@ def test_upn_pth_to_flax_and_back_is_bit_identical(upn_tiny, tmp_path, capsys):
   assert code == 0, err
   flat = safetensors_io.load_file(tmp_path / "flax.safetensors")
   assert f"{len(flat)} tensors" in out and "skipped: 1 unused checkpoint keys" in out
-  assert safetensors_io.SafetensorsFile(tmp_path / "flax.safetensors").metadata["format"] == convert.FLAX_FORMAT
+  assert safetensors_io.SafetensorsFile(tmp_path / "flax.safetensors").metadata["format"] == mapping.FLAX_FORMAT
   assert_same_tree(mapping.unflatten(flat), params)
 
   code, out, err = run(["upn", "--from", tmp_path / "flax.safetensors", "--to", tmp_path / "back.pth",
                         "--config", "tiny"], capsys)
   assert code == 0, err
-  back = upn_convert.load_state_dict(tmp_path / "back.pth")
+  back = torch_files.load_state_dict(tmp_path / "back.pth")
   assert back.keys() == state.keys() and f"{len(state)} tensors" in out
   for k in state:
     assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k]), k
@@ -210,7 +197,7 @@ def test_export_chatrex_workdir_to_a_predict_ready_folder(tmp_path, capsys):
   code, out, err = run(["export", "--workdir", workdir, "--to", tmp_path / "out", "--config", spec, override], capsys)
   assert code == 0, err
   assert "official (rexseek layout)" in out and "tensors" in out
-  config2, params2, layout = chatrex_convert.load_checkpoint(tmp_path / "out")
+  config2, params2, layout = chatrex_convert.load(tmp_path / "out")
   assert layout == "rexseek" and config2.llm.vocab_size == len(tok)
   assert_same_tree(params2, params)  # the latest step, trainable and frozen merged
   pipe = ChatRexPipeline.from_checkpoint(tmp_path / "out")  # tokenizer travelled along
@@ -219,7 +206,7 @@ def test_export_chatrex_workdir_to_a_predict_ready_folder(tmp_path, capsys):
   code, out, err = run(["export", "--workdir", workdir, "--step", 20, "--to", tmp_path / "old",
                         "--config", spec, override], capsys)
   assert code == 0, err
-  assert_same_tree(chatrex_convert.load_checkpoint(tmp_path / "old")[1], old)
+  assert_same_tree(chatrex_convert.load(tmp_path / "old")[1], old)
 
 
 def test_export_upn_workdir_with_its_saved_config(tmp_path, capsys):
@@ -236,7 +223,7 @@ def test_export_upn_workdir_with_its_saved_config(tmp_path, capsys):
   code, out, err = run(["export", "--workdir", workdir, "--to", tmp_path / "upn.pth"], capsys)
   assert code == 0, err
   assert "-> official UPN" in out
-  back, report = upn_convert.load_params(tmp_path / "upn.pth", model)
+  back, report = upn_convert.load(tmp_path / "upn.pth", model)
   assert report.unexpected == [] and report.missing_aliases == []
   assert_same_tree(back, params)
 
@@ -258,7 +245,7 @@ def test_user_errors_exit_2_with_a_message(chatrex_official, upn_tiny, tmp_path,
   cfg = LLMConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1)
   abstract = jax.eval_shape(CausalLM(cfg).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  llm_convert.save_hf(random_like(abstract, 7), cfg, llm_dir)
+  llm_convert.save(random_like(abstract, 7), cfg, llm_dir)
   cases = [
       (["llm", "--from", pth, "--to", tmp_path / "a"], f"{pth} is a file; expected an LLM checkpoint folder"),
       (["llm", "--from", tmp_path / "nope", "--to", tmp_path / "a"], "does not exist"),

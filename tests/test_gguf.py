@@ -36,7 +36,7 @@ def hf_state(config: LLMConfig, seed: int) -> dict[str, np.ndarray]:
   shapes = jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
   params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
   import flax.linen as nn
-  return dict(llm_convert.to_torch_state(nn.unbox(params), config))
+  return dict(llm_convert.to_torch(nn.unbox(params), config))
 
 
 def write_gguf(path, arch: str, config: LLMConfig, state, tokenizer, quant: str = "Q8_0") -> None:
@@ -152,7 +152,7 @@ def test_convert_cli_writes_a_folder_transformers_loads(tmp_path, tokenizer, cap
   ids = np.asarray(loaded("a red circle")["input_ids"])[None]
   with torch.no_grad():
     want = model(torch.from_numpy(ids)).logits.numpy()
-  cfg, params = llm_convert.load_hf(out)
+  cfg, params = llm_convert.load(out)
   got = np.asarray(CausalLM(cfg).apply({"params": params}, jnp.asarray(ids))["logits"])
   np.testing.assert_allclose(got, want, atol=1e-5)
   # the folder round-trips through `convert llm` to Flax keys and back, unchanged

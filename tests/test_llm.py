@@ -121,11 +121,11 @@ def test_scanned_and_remat_layouts_equal_unscanned(highest_precision):
   for overrides in ({"scan_layers": True}, {"remat_policy": "full"},
                     {"scan_layers": True, "remat_policy": "dots"}):
     cfg = dataclasses.replace(config, **overrides)
-    p = llm_convert.from_torch_state(state, cfg)
+    p = llm_convert.to_flax(state, cfg)
     out = CausalLM(cfg).apply({"params": p}, ids)["logits"]
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=1e-5, rtol=1e-5)
     if cfg.scan_layers:  # conversion back from the scanned layout is exact
-      back = dict(llm_convert.to_torch_state(p, cfg))
+      back = dict(llm_convert.to_torch(p, cfg))
       assert all(np.array_equal(back[k], state[k]) for k in state)
 
 

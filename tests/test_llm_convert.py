@@ -14,6 +14,7 @@ import transformers
 from chatrex_jax.convert import llm as llm_convert
 from chatrex_jax.convert import safetensors_io
 from chatrex_jax.convert.mapping import ConversionError, check_bijective
+from chatrex_jax.models import vocab
 from chatrex_jax.models.llm import CausalLM, LLMConfig
 from chatrex_jax.tools import check_equivalence
 from tests.builders import make_hf, to_flax
@@ -24,13 +25,13 @@ def test_round_trip_torch_flax_torch_is_bit_identical(family, tied, tmp_path):
   hf, state = make_hf(family, tied, seed=21)
   config, model, params = to_flax(hf, state)
   check_bijective(llm_convert.rules(config))
-  back = dict(llm_convert.to_torch_state(params, config))
+  back = dict(llm_convert.to_torch(params, config))
   expected_keys = set(state) - ({"lm_head.weight"} if tied else set())
   assert set(back) == expected_keys
   for k in expected_keys:
     assert back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k]), k
   # ... and the written folder loads in transformers with identical outputs.
-  llm_convert.save_hf(params, config, tmp_path / "hf", max_shard_bytes=64 * 1024)
+  llm_convert.save(params, config, tmp_path / "hf", max_shard_bytes=64 * 1024)
   assert (tmp_path / "hf" / safetensors_io.INDEX_NAME).exists()  # several shards + index
   reloaded = transformers.AutoModelForCausalLM.from_pretrained(
       tmp_path / "hf", attn_implementation="eager").eval()
@@ -42,7 +43,7 @@ def test_round_trip_torch_flax_torch_is_bit_identical(family, tied, tmp_path):
   with torch.no_grad():
     assert torch.equal(reloaded(ids).logits, hf(ids).logits)
   # ... and reads back through the streaming loader.
-  config2, params2 = llm_convert.load_hf(tmp_path / "hf")
+  config2, params2 = llm_convert.load(tmp_path / "hf")
   assert config2.tie_word_embeddings == tied
   flat = jax.tree.leaves(jax.tree.map(np.array_equal, params, params2))
   assert all(flat)
@@ -58,7 +59,7 @@ def test_conversion_reports_every_problem_at_once():
   bad["vision_tower.extra"] = np.zeros(3, np.float32)
   expected = jax.eval_shape(CausalLM(config).init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
   with pytest.raises(ConversionError) as err:
-    llm_convert.from_torch_state(bad, config, expected=expected)
+    llm_convert.to_flax(bad, config, expected=expected)
   e = err.value
   assert "model.layers.0.mlp.up_proj.weight" in e.missing and "model.norm.weight" in e.missing
   assert e.unexpected == ["vision_tower.extra"]
@@ -71,7 +72,7 @@ def test_tied_checkpoint_with_divergent_lm_head_is_refused():
   config = LLMConfig.from_hf(hf.config.to_dict())
   state = dict(state, **{"lm_head.weight": state["model.embed_tokens.weight"] + 1})
   with pytest.raises(ConversionError, match="tie_word_embeddings"):
-    llm_convert.from_torch_state(state, config)
+    llm_convert.to_flax(state, config)
 
 
 def test_vocab_extension_matches_spec():
@@ -80,7 +81,7 @@ def test_vocab_extension_matches_spec():
   # Qwen-style: the tokenizer is shorter than the matrix; 104 tokens appended -> may shrink.
   for tokenizer_len in (300, 350):
     new_vocab = tokenizer_len + 104
-    new, cfg = llm_convert.resize_vocab(params, config, new_vocab, 104)
+    new, cfg = vocab.resize_vocab(params, config, new_vocab, 104)
     emb, head = np.asarray(new["embed_tokens"]["embedding"]), np.asarray(new["lm_head"]["kernel"])
     assert emb.shape == (new_vocab, 64) and head.shape == (64, new_vocab) and cfg.vocab_size == new_vocab
     old_emb, old_head = state["model.embed_tokens.weight"], state["lm_head.weight"].T
@@ -118,20 +119,20 @@ _MEMORY_PROBE = textwrap.dedent("""
     if mode == "disk":
       llm_convert.convert_hf_to_flax_checkpoint(src, dst, max_shard_bytes=32 * 2**20)
     else:
-      cfg, params = llm_convert.load_hf(src)
+      cfg, params = llm_convert.load(src)
     print(json.dumps({"peak_extra": hwm() - base}))
 """)
 
 
-def _make_big_checkpoint(path, layers=6, hidden=1024, ffn=4096, vocab=2048):
-  config = LLMConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+def _make_big_checkpoint(path, layers=6, hidden=1024, ffn=4096, vocab_size=2048):
+  config = LLMConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
                      num_attention_heads=8, num_key_value_heads=8, family="llama", attention_bias=False)
   rng = np.random.default_rng(0)
 
   def tensors():
     for rule in llm_convert.rules(config):
-      shape = {"embed_tokens/embedding": (vocab, hidden), "decoder/norm/scale": (hidden,),
-               "lm_head/kernel": (vocab, hidden)}.get(rule.flax_path)
+      shape = {"embed_tokens/embedding": (vocab_size, hidden), "decoder/norm/scale": (hidden,),
+               "lm_head/kernel": (vocab_size, hidden)}.get(rule.flax_path)
       if shape is None:
         leaf = rule.torch_key.rsplit(".", 2)[-2]
         shape = {"q_proj": (hidden, hidden), "k_proj": (hidden, hidden), "v_proj": (hidden, hidden),
@@ -176,11 +177,11 @@ def test_add_chatrex_tokens_to_a_local_tokenizer(tmp_path):
   hf, state = make_hf("qwen2", False, seed=25)
   config, model, params = to_flax(hf, state)
   base = len(tok)
-  new, cfg = llm_convert.add_chatrex_tokens(params, config, tok)
+  new, cfg = vocab.add_chatrex_tokens(params, config, tok)
   assert len(tok) == base + 104 and cfg.vocab_size == base + 104
   assert [tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == list(range(base, base + 104))
   emb = np.asarray(new["embed_tokens"]["embedding"])
   np.testing.assert_allclose(emb[base:], np.broadcast_to(state["model.embed_tokens.weight"][:base].mean(0), (104, 64)),
                              rtol=1e-6, atol=1e-7)
-  again, cfg2 = llm_convert.add_chatrex_tokens(new, cfg, tok)  # idempotent
+  again, cfg2 = vocab.add_chatrex_tokens(new, cfg, tok)  # idempotent
   assert cfg2.vocab_size == cfg.vocab_size and len(tok) == base + 104

@@ -25,6 +25,7 @@ import pytest
 from chatrex_jax.convert import gguf
 from chatrex_jax.convert import llm as llm_convert
 from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
+from chatrex_jax.models import vocab
 from chatrex_jax.models.llm import CausalLM, LLMConfig
 from chatrex_jax.protocol import templates, tokenize
 from chatrex_jax.protocol import tokens as C
@@ -46,7 +47,7 @@ def gguf_path():
 def ours(gguf_path):
   meta, hf_config, state = gguf.read(gguf_path)
   config = LLMConfig.from_hf(hf_config)
-  return meta, hf_config, config, llm_convert.from_torch_state(dict(state), config)
+  return meta, hf_config, config, llm_convert.to_flax(dict(state), config)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(gguf_path, tokenizer):
 def test_chatrex_tokens_resize_and_chat_template(ours, tokenizer):
   _, _, config, params = ours
   tok = gguf.tokenizer(ours[0])  # a fresh copy: tokens are added in place
-  new_params, new_config = llm_convert.add_chatrex_tokens(params, config, tok)
+  new_params, new_config = vocab.add_chatrex_tokens(params, config, tok)
   assert len(tok) == new_config.vocab_size == 49152 + 104
   assert [tok.convert_tokens_to_ids(t) for t in C.SPECIAL_TOKENS] == list(range(49152, 49256))
   text = "<ground>the red circle</ground><objects><obj3><obj17></objects>"

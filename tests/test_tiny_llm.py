@@ -75,7 +75,7 @@ def test_shipped_model_finds_and_names_objects(config, shipped):
   """The committed weights (made by the script, settings in their pretraining.json) answer
   held-out lookups: exact answers under teacher forcing, i.e. what greedy decoding gives."""
   from chatrex_jax.convert import llm as llm_convert
-  _, params = llm_convert.load_hf(tiny_llm.ASSETS)
+  _, params = llm_convert.load(tiny_llm.ASSETS)
   task = tiny_llm.TinyLLMTask(config, shipped)
   accuracy = tiny_llm.lookup_accuracy(task, params, samples=96)
   recorded = json.loads((tiny_llm.ASSETS / "pretraining.json").read_text())

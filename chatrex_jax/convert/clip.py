@@ -11,11 +11,12 @@ logit scale) and the `position_ids` buffer are ignored explicitly (`ignore_patte
 """
 from __future__ import annotations
 
+import pathlib
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from chatrex_jax.convert import mapping
+from chatrex_jax.convert import mapping, torch_files
 from chatrex_jax.convert.mapping import CONV2D, Rule
 from chatrex_jax.models.clip_vit import CLIPVisionConfig
 
@@ -74,14 +75,28 @@ def detect_prefix(keys: Iterable[str]) -> str:
                    f"'{PREFIX_HF}embeddings.patch_embedding.weight' or '{PREFIX_MLLM}...'")
 
 
+def abstract_params(cfg: CLIPVisionConfig) -> dict:
+  """The parameter shapes of `CLIPVisionTower(cfg)`: traced, no arrays made."""
+  from flax.core import meta
+  import jax
+  import jax.numpy as jnp
+
+  from chatrex_jax.models.clip_vit import CLIPVisionTower
+  pixels = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+  return meta.unbox(jax.eval_shape(CLIPVisionTower(cfg).init, jax.random.key(0), pixels)["params"])
+
+
 def to_flax(state: Mapping[str, np.ndarray], cfg: CLIPVisionConfig, *, prefix: str | None = None,
-            expected: Mapping | None = None, strict: bool = True, dtype=None,
-            extra_ignore: Iterable[str] = ()) -> dict:
+            expected: Mapping | None = None, check_shapes: bool = True, strict: bool = True,
+            dtype=None, extra_ignore: Iterable[str] = ()) -> dict:
   """torch state dict -> Flax params of `CLIPVisionTower(cfg)` (prefix auto-detected if None).
 
-  strict=True reports every key under the state dict that no rule or ignore pattern covers.
+  strict=True reports every key under the state dict that no rule or ignore pattern covers;
+  shapes are checked against `expected` (default `abstract_params(cfg)`) unless check_shapes=False.
   """
   prefix = detect_prefix(state.keys()) if prefix is None else prefix
+  if expected is None and check_shapes:
+    expected = abstract_params(cfg)
   return mapping.to_flax(state, rules(cfg, prefix), what=f"CLIP vision ({prefix or 'bare'})",
                          expected=expected, ignore=ignore_patterns(prefix) + list(extra_ignore),
                          dtype=dtype, strict=strict)
@@ -91,3 +106,14 @@ def to_torch(params: Mapping, cfg: CLIPVisionConfig, *, prefix: str = PREFIX_HF,
              dtype=None) -> dict[str, np.ndarray]:
   """Flax params -> torch state dict (HF names under `prefix`)."""
   return dict(mapping.to_torch(params, rules(cfg, prefix), what="CLIP vision", dtype=dtype))
+
+
+def load(path, cfg: CLIPVisionConfig, **kw) -> dict:
+  """A checkpoint file or HF folder (`torch_files.read_state`) -> Flax params (`to_flax`'s
+  options; the prefix is detected when not given)."""
+  return torch_files.convert_file(path, lambda state: to_flax(state, cfg, **kw))
+
+
+def save(params: Mapping, cfg: CLIPVisionConfig, path, **kw) -> pathlib.Path:
+  """Flax params -> one safetensors file with the torch names (`to_torch`'s options)."""
+  return torch_files.write_safetensors(to_torch(params, cfg, **kw), path)

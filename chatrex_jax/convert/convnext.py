@@ -17,11 +17,12 @@ bit-identical.
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Iterable, Mapping
 
 import numpy as np
 
-from chatrex_jax.convert import mapping
+from chatrex_jax.convert import mapping, torch_files
 from chatrex_jax.convert.mapping import Rule
 from chatrex_jax.models.convnext import ConvNeXtConfig
 
@@ -110,13 +111,27 @@ def detect_layout(keys: Iterable[str]) -> tuple[str, str]:
                    "'visual.trunk.stem.0.weight'")
 
 
+def abstract_params(cfg: ConvNeXtConfig) -> dict:
+  """The parameter shapes of `ConvNeXt(cfg)`: traced, no arrays made."""
+  from flax.core import meta
+  import jax
+  import jax.numpy as jnp
+
+  from chatrex_jax.models.convnext import ConvNeXt
+  pixels = jnp.zeros((1, 32, 32, 3), jnp.float32)   # the smallest input all four stages take
+  return meta.unbox(jax.eval_shape(ConvNeXt(cfg).init, jax.random.key(0), pixels)["params"])
+
+
 def to_flax(state: Mapping[str, np.ndarray], cfg: ConvNeXtConfig, *, layout: str | None = None,
-            prefix: str | None = None, expected: Mapping | None = None, strict: bool = True,
-            dtype=None, extra_ignore: Iterable[str] = ()) -> dict:
-  """torch state dict -> Flax params of `ConvNeXt(cfg)` (layout/prefix auto-detected if None)."""
+            prefix: str | None = None, expected: Mapping | None = None, check_shapes: bool = True,
+            strict: bool = True, dtype=None, extra_ignore: Iterable[str] = ()) -> dict:
+  """torch state dict -> Flax params of `ConvNeXt(cfg)` (layout/prefix auto-detected if None),
+  shapes checked against `expected` (default `abstract_params(cfg)`) unless check_shapes=False."""
   if layout is None:
     layout, detected = detect_layout(state.keys())
     prefix = detected if prefix is None else prefix
+  if expected is None and check_shapes:
+    expected = abstract_params(cfg)
   return mapping.to_flax(state, rules(cfg, layout, prefix), what=f"ConvNeXt ({layout})",
                          expected=expected, ignore=ignore_patterns(layout, prefix) + list(extra_ignore),
                          dtype=dtype, strict=strict)
@@ -127,3 +142,14 @@ def to_torch(params: Mapping, cfg: ConvNeXtConfig, *, layout: str = "rexseek",
   """Flax params -> torch state dict in `layout` (under `prefix`)."""
   return dict(mapping.to_torch(params, rules(cfg, layout, prefix), what=f"ConvNeXt ({layout})",
                                dtype=dtype))
+
+
+def load(path, cfg: ConvNeXtConfig, **kw) -> dict:
+  """A checkpoint file or folder (`torch_files.read_state`) -> Flax params (`to_flax`'s
+  options; the layout is detected when not given)."""
+  return torch_files.convert_file(path, lambda state: to_flax(state, cfg, **kw))
+
+
+def save(params: Mapping, cfg: ConvNeXtConfig, path, **kw) -> pathlib.Path:
+  """Flax params -> one safetensors file in `layout`'s torch names (`to_torch`'s options)."""
+  return torch_files.write_safetensors(to_torch(params, cfg, **kw), path)

@@ -201,7 +201,7 @@ def load(path, **overrides):
   from chatrex_jax.models.llm import LLMConfig
   _, config, state = read(path)
   llm_config = LLMConfig.from_hf(config, **overrides)
-  return llm_config, llm_convert.from_torch_state(dict(state), llm_config)
+  return llm_config, llm_convert.to_flax(dict(state), llm_config)
 
 
 # ----------------------------------------------------------------------------- tokenizer

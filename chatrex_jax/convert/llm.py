@@ -3,11 +3,11 @@
 The key map is declarative (`rules`); the generic engine in `mapping.py` applies it. Three
 entry points cover the workflows:
 
-* `load_hf(path, config)`: HF checkpoint folder (sharded safetensors + index) -> Flax tree,
+* `load(path, config)`: HF checkpoint folder (sharded safetensors + index) -> Flax tree,
   streaming tensor by tensor (peak host memory: the result plus one tensor).
 * `convert_hf_to_flax_checkpoint(src, dst)`: disk to disk, streaming (peak: one output
   shard plus one tensor) - for checkpoints larger than host memory.
-* `save_hf(params, config, dst)`: Flax tree -> HF folder (`config.json` + safetensors) that
+* `save(params, config, dst)`: Flax tree -> HF folder (`config.json` + safetensors) that
   `AutoModelForCausalLM.from_pretrained(dst)` loads.
 
 `prefix` relocates the LLM inside a larger checkpoint (e.g. "" for ChatRex/RexSeek, whose
@@ -70,19 +70,37 @@ def _check_tied(state: Mapping[str, np.ndarray], config: LLMConfig, prefix: str)
                                    "set tie_word_embeddings=false in config.json"])
 
 
-def from_torch_state(state: Mapping[str, np.ndarray], config: LLMConfig, *, expected=None,
-                     prefix: str = "", strict: bool = True, dtype=None) -> dict:
-  """A torch-named state dict (or lazy `Checkpoint`) -> Flax params (layout per config.scan_layers)."""
+def abstract_params(config: LLMConfig) -> dict:
+  """The (unscanned) parameter shapes of `CausalLM(config)`: traced, no arrays made."""
+  import dataclasses
+
+  from flax.core import meta
+  import jax
+  import jax.numpy as jnp
+
+  from chatrex_jax.models.llm import CausalLM
+  model = CausalLM(dataclasses.replace(config, scan_layers=False))
+  return meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+
+
+def to_flax(state: Mapping[str, np.ndarray], config: LLMConfig, *, expected=None,
+            check_shapes: bool = True, prefix: str = "", strict: bool = True, dtype=None) -> dict:
+  """A torch-named state dict (or lazy `Checkpoint`) -> Flax params (layout per config.scan_layers).
+
+  Shapes are checked against `expected` (default: `abstract_params(config)`) unless
+  check_shapes=False."""
   _check_tied(state, config, prefix)
   ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
-  if expected is not None and config.scan_layers:
-    expected = None  # shapes are checked on the unscanned tree below
+  if expected is None and check_shapes:
+    expected = abstract_params(config)
+  elif expected is not None and config.scan_layers:
+    expected = None  # a scanned tree's shapes: checked on the unscanned tree below
   params = mapping.to_flax(state, rules(config, prefix), what="LLM conversion", expected=expected,
                            ignore=ignore, strict=strict, dtype=dtype)
   return stack_layers(params, config.num_hidden_layers) if config.scan_layers else params
 
 
-def to_torch_state(params: Mapping, config: LLMConfig, prefix: str = "",
+def to_torch(params: Mapping, config: LLMConfig, prefix: str = "",
                    dtype=None) -> Iterator[tuple[str, np.ndarray]]:
   """Flax params -> (torch key, array) pairs, lazily, in HF order."""
   from flax.core import meta
@@ -129,28 +147,25 @@ def config_from_folder(path, ckpt=None, **overrides) -> LLMConfig:
       ckpt.close()
 
 
-def load_hf(path, config: LLMConfig | None = None, *, prefix: str = "", dtype=None, **overrides):
+def load(path, config: LLMConfig | None = None, *, prefix: str = "", dtype=None, **overrides):
   """Loads a HF checkpoint folder -> (config, params), streaming tensor by tensor."""
   ckpt = safetensors_io.Checkpoint(path)
   if config is None:
     config = config_from_folder(path, ckpt, **overrides)
   try:
-    return config, from_torch_state(ckpt, config, prefix=prefix, dtype=dtype)
+    return config, to_flax(ckpt, config, prefix=prefix, dtype=dtype)
   finally:
     ckpt.close()
 
 
-def save_hf(params: Mapping, config: LLMConfig, dst, *, max_shard_bytes: int = 5 * 2**30,
+def save(params: Mapping, config: LLMConfig, dst, *, max_shard_bytes: int = 5 * 2**30,
             dtype=None) -> pathlib.Path:
   """Writes an HF checkpoint folder (config.json + safetensors shards + index)."""
   dst = pathlib.Path(dst)
   dst.mkdir(parents=True, exist_ok=True)
-  safetensors_io.save_sharded(to_torch_state(params, config, dtype=dtype), dst, max_shard_bytes)
+  safetensors_io.save_sharded(to_torch(params, config, dtype=dtype), dst, max_shard_bytes)
   (dst / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
   return dst
-
-
-FLAX_FORMAT = "chatrex-jax-flax"
 
 
 def convert_hf_to_flax_checkpoint(src, dst, config: LLMConfig | None = None, *,
@@ -177,7 +192,7 @@ def convert_hf_to_flax_checkpoint(src, dst, config: LLMConfig | None = None, *,
       key = next(k for k in r.torch_keys if k in ckpt)
       yield r.flax_path, r.layout.to_flax(ckpt[key])
   dst = pathlib.Path(dst)
-  safetensors_io.save_sharded(tensors(), dst, max_shard_bytes, metadata={"format": FLAX_FORMAT})
+  safetensors_io.save_sharded(tensors(), dst, max_shard_bytes, metadata={"format": mapping.FLAX_FORMAT})
   (dst / "config.json").write_text(json.dumps(config.to_hf(), indent=2))
   ckpt.close()
   return dst
@@ -198,75 +213,3 @@ def load_flax_checkpoint(path, shardings=None) -> dict:
     out[name] = jax.device_put(value, flat_shardings[name]) if name in flat_shardings else value
   ckpt.close()
   return mapping.unflatten(out)
-
-
-# ----------------------------------------------------------------------------- vocabulary
-
-NEW_TOKEN_INITS = ("mean", "sampled")
-
-
-def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
-                 num_new_tokens: int, *, init: str = "mean", seed: int = 0) -> tuple[dict, LLMConfig]:
-  """ChatRex's vocabulary extension (docs/architecture.md B.7), on a Flax tree.
-
-  Mirrors `resize_token_embeddings(len(tokenizer))` followed by setting the last
-  `num_new_tokens` input and output rows (each matrix separately) to
-    "mean": the mean of the rows before them, as the official code does; every new token
-      starts identical and only training tells them apart;
-    "sampled": draws from N(mean, covariance) of those rows, so each new token starts as
-      distinct as two ordinary vocabulary tokens (a pretrained LLM can copy them at once).
-  The matrix may shrink (Qwen pads its embedding beyond the tokenizer).
-  """
-  import dataclasses
-
-  from flax.core import meta
-  params = meta.unbox(params)
-  if not 0 < num_new_tokens <= new_vocab_size:
-    raise ValueError(f"num_new_tokens={num_new_tokens} must be in (0, new_vocab_size={new_vocab_size}]")
-  if init not in NEW_TOKEN_INITS:
-    raise ValueError(f"new-token init {init!r} is not one of {NEW_TOKEN_INITS}")
-  rng = np.random.default_rng(seed)
-
-  def resize(matrix: np.ndarray, axis: int) -> np.ndarray:
-    m = np.moveaxis(np.asarray(matrix), axis, 0)
-    old = m.shape[0]
-    out = np.zeros((new_vocab_size,) + m.shape[1:], m.dtype)
-    keep = min(old, new_vocab_size)
-    out[:keep] = m[:keep]
-    base = new_vocab_size - num_new_tokens
-    rows = out[:base].astype(np.float64)
-    mean = rows.mean(axis=0)
-    if init == "mean":
-      out[base:] = mean.astype(m.dtype)
-    else:
-      centred = rows - mean
-      cov = centred.T @ centred / max(base - 1, 1)
-      out[base:] = rng.multivariate_normal(mean, cov, size=num_new_tokens, method="eigh").astype(m.dtype)
-    return np.moveaxis(out, 0, axis)
-
-  params = jax_tree_copy(params)
-  params["embed_tokens"]["embedding"] = resize(params["embed_tokens"]["embedding"], 0)
-  if not config.tie_word_embeddings:
-    params["lm_head"]["kernel"] = resize(params["lm_head"]["kernel"], 1)
-  return params, dataclasses.replace(config, vocab_size=new_vocab_size)
-
-
-def jax_tree_copy(tree):
-  return {k: jax_tree_copy(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
-
-
-def add_chatrex_tokens(params: Mapping, config: LLMConfig, tokenizer, *, init: str = "mean",
-                       seed: int = 0) -> tuple[dict, LLMConfig]:
-  """Adds ChatRex's 104 tokens (`<obj0>`..`<obj99>`, `<ground>`, `</ground>`, `<objects>`,
-  `</objects>`, special, in that order) to a locally loaded HF tokenizer and resizes the
-  embeddings to `len(tokenizer)`, the new rows initialised by `init` (`resize_vocab`; "mean",
-  the official rule, by default). Tokens the tokenizer already has are not added twice."""
-  from chatrex_jax.protocol.tokens import SPECIAL_TOKENS
-  missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-  if len(missing) not in (0, len(SPECIAL_TOKENS)):
-    raise ValueError(f"tokenizer has {len(SPECIAL_TOKENS) - len(missing)} of the ChatRex tokens: "
-                     "add all of them or none (the order fixes their ids)")
-  added = tokenizer.add_tokens(list(missing), special_tokens=True) if missing else 0
-  if not added:
-    return dict(params), config
-  return resize_vocab(params, config, len(tokenizer), added, init=init, seed=seed)

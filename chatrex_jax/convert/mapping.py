@@ -26,6 +26,9 @@ from chatrex_jax.errors import UserError
 Array = np.ndarray
 Transform = Callable[[Array], Array]
 
+# Metadata tag of this project's safetensors files keyed by Flax paths ('a/b/c').
+FLAX_FORMAT = "chatrex-jax-flax"
+
 
 def _identity(x: Array) -> Array:
   return x

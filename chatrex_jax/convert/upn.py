@@ -7,6 +7,9 @@
   not stored in the params; `to_torch` writes them back (int64) so round trips are identical.
 * The official load is `strict=False`: keys no rule uses (training extras) are returned in a
   `LoadReport`, not an error; a missing parameter is an error.
+* Verbs: `rules`, `to_flax`, `to_torch`, `load` / `save` (official file: `.pth` as
+  `{"model": state_dict}` like upn_large.pth, or `.safetensors`), and `load_flax` /
+  `save_flax` for this project's own file (safetensors keyed by Flax paths).
 * `.pth` files are read only through `torch.load(path, weights_only=True, map_location="cpu")`
   (never a full unpickle); `.safetensors` through this project's reader.
 """
@@ -18,9 +21,17 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from chatrex_jax.convert import mapping
-from chatrex_jax.convert.mapping import (IDENTITY, LINEAR, ConversionError, Rule, conv_rules,
-                                        linear_rules, mlp_rules, norm_rules)
+from chatrex_jax.convert import mapping, torch_files
+from chatrex_jax.convert.mapping import (
+  IDENTITY,
+  LINEAR,
+  ConversionError,
+  Rule,
+  conv_rules,
+  linear_rules,
+  mlp_rules,
+  norm_rules,
+)
 from chatrex_jax.models.upn.swin import relative_position_index
 from chatrex_jax.models.upn.upn import UPNConfig
 
@@ -159,12 +170,13 @@ def check_buffers(state: Mapping[str, np.ndarray], config: UPNConfig) -> None:
     raise ConversionError("UPN relative_position_index", other=bad)
 
 
-def to_flax(state: Mapping[str, np.ndarray], config: UPNConfig, *, strict: bool = False,
+def to_flax(state: Mapping[str, np.ndarray], config: UPNConfig, *, strict: bool = True,
             check_shapes: bool = True, dtype=None) -> tuple[dict, LoadReport]:
   """torch-named UPN state dict -> (Flax params, LoadReport).
 
-  strict=False mirrors the official `load_state_dict(strict=False)`: unused keys are reported
-  in the LoadReport; missing or mis-shaped parameters always raise ConversionError.
+  Strict like every family's `to_flax`; strict=False mirrors the official
+  `load_state_dict(strict=False)` (what `load` does by default): unused keys are reported in
+  the LoadReport. Missing or mis-shaped parameters always raise ConversionError.
   """
   check_buffers(state, config)
   rs = rules(config)
@@ -185,73 +197,84 @@ def to_torch(params: Mapping, config: UPNConfig, *, with_buffers: bool = True) -
   return out
 
 
-STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")  # where training code puts it
+def load(path, config: UPNConfig | None = None, *, dtype=None, strict: bool = False,
+         safe_globals: Iterable[str] = ()) -> tuple[dict, LoadReport]:
+  """Official checkpoint file -> (Flax params, LoadReport). config defaults to UPN-Large.
 
-
-def read_checkpoint(path: str | pathlib.Path, *, safe_globals: Iterable[str] = ()
-                    ) -> tuple[dict[str, np.ndarray], list[str]]:
-  """An official checkpoint file -> (state dict as numpy, names of the other top-level entries).
-
-  `.pth`/`.pt`: `torch.load(weights_only=True)` only; the state dict is `ckpt["model"]` (the
-  official loader's key; "state_dict" / "model_state_dict" also found) or the file's own
-  top-level tensors. Entries besides it (optimizer, epoch, ...) are returned by name and
-  ignored. A file that pickles objects outside torch's weights-only allowlist (for example the
-  training `args` as an argparse.Namespace) is refused with the names of those classes, unless
-  the caller lists them in `safe_globals` ("module.Class") after deciding to trust them.
-  `.safetensors`: this project's reader.
-  """
-  path = pathlib.Path(path)
-  if path.suffix not in (".pth", ".pt", ".bin", ".ckpt"):
-    from chatrex_jax.convert import safetensors_io
-    return dict(safetensors_io.Checkpoint(path).items()), []
-  import importlib
-  import pickle
-
-  import torch
-  allowed = []
-  for name in safe_globals:
-    module, _, attr = name.rpartition(".")
-    allowed.append(getattr(importlib.import_module(module), attr))
-  try:
-    with torch.serialization.safe_globals(allowed):
-      ckpt = torch.load(str(path), weights_only=True, map_location="cpu")
-  except pickle.UnpicklingError as e:
-    try:
-      unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-    except Exception:  # not a torch.save archive at all: the original refusal says so
-      unsafe = []
-    if not unsafe:
-      raise
-    raise ConversionError(
-        f"UPN checkpoint {path}", other=[
-            f"the file pickles objects outside torch's weights-only allowlist: {unsafe}. This "
-            "project never unpickles arbitrary objects; if you trust the file, allow exactly "
-            "these classes (Python: read_checkpoint(..., safe_globals=[...]); CLI: "
-            f"--safe-globals {' '.join(unsafe)}), or save ckpt['model'] alone with "
-            f"torch.save / safetensors. ({str(e).splitlines()[0]})"]) from None
-  if not isinstance(ckpt, dict):
-    raise ValueError(f"{path}: expected a dict (a state dict or {{'model': state dict, ...}}), "
-                     f"got {type(ckpt).__name__}")
-  key = next((k for k in STATE_DICT_KEYS if isinstance(ckpt.get(k), dict)), None)
-  state = ckpt[key] if key else {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
-  extras = sorted(str(k) for k in ckpt if k != key and (key or not isinstance(ckpt[k], torch.Tensor)))
-  tensors = {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
-             for k, v in state.items() if isinstance(v, torch.Tensor)}
-  return tensors, extras
-
-
-def load_state_dict(path: str | pathlib.Path, **kw) -> dict[str, np.ndarray]:
-  """The state dict of an official checkpoint file (`read_checkpoint` without the extras)."""
-  return read_checkpoint(path, **kw)[0]
-
-
-def load_params(path, config: UPNConfig | None = None, *, dtype=None,
-                safe_globals: Iterable[str] = ()) -> tuple[dict, LoadReport]:
-  """Official checkpoint file -> (Flax params, LoadReport). config defaults to UPN-Large."""
-  state, extras = read_checkpoint(path, safe_globals=safe_globals)
-  params, report = to_flax(state, config or UPNConfig(), dtype=dtype)
+  Not strict by default, as the official loader: released files carry training extras,
+  which the LoadReport names (`to_flax`)."""
+  state, extras = torch_files.read_checkpoint(path, safe_globals=safe_globals)
+  params, report = to_flax(state, config or UPNConfig(), dtype=dtype, strict=strict)
   report.extras = extras
   return params, report
+
+
+def official_format(path) -> str:
+  """'pth' or 'safetensors', from an official UPN file name (ValueError for anything else)."""
+  suffix = pathlib.Path(path).suffix
+  if suffix in (".pth", ".pt"):
+    return "pth"
+  if suffix == ".safetensors":
+    return "safetensors"
+  raise ValueError(f"{path}: expected a .pth/.pt or .safetensors file name")
+
+
+def save_state(state: Mapping[str, np.ndarray], path) -> pathlib.Path:
+  """A torch-named state dict -> `.pth` ({"model": state}, as upn_large.pth, which the
+  official loader reads) or `.safetensors`, chosen by the file name."""
+  from chatrex_jax.convert import safetensors_io
+  path = pathlib.Path(path)
+  kind = official_format(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  if kind == "safetensors":
+    safetensors_io.save_file(state, path)
+    return path
+  import ml_dtypes
+  import torch
+
+  def tensor(v):
+    v = np.asarray(v)
+    if v.dtype == ml_dtypes.bfloat16:  # numpy has no bf16: move the bits
+      return torch.from_numpy(v.view(np.uint16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
+  torch.save({"model": {k: tensor(v) for k, v in state.items()}}, path)
+  return path
+
+
+def save(params: Mapping, config: UPNConfig, path) -> pathlib.Path:
+  """Flax params -> an official checkpoint file (`save_state` of `to_torch`, buffers included)."""
+  return save_state(to_torch(params, config), path)
+
+
+def is_flax_file(path) -> bool:
+  """Whether a .safetensors file is `save_flax`'s (format tag, or keys that are Flax paths)."""
+  from chatrex_jax.convert import safetensors_io
+  if pathlib.Path(path).suffix != ".safetensors":
+    return False
+  header = safetensors_io.SafetensorsFile(path)
+  try:
+    return header.metadata.get("format") == mapping.FLAX_FORMAT or mapping.is_flax_keyed(header)
+  finally:
+    header.close()
+
+
+def save_flax(params: Mapping, path) -> pathlib.Path:
+  """Flax params -> one safetensors file keyed by Flax paths (format tag `mapping.FLAX_FORMAT`)."""
+  from chatrex_jax.convert import safetensors_io
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  safetensors_io.save_file(mapping.flatten(params), path,
+                           metadata={"format": mapping.FLAX_FORMAT, "model": "upn"})
+  return path
+
+
+def load_flax(path, config: UPNConfig | None = None) -> dict:
+  """A `save_flax` file -> Flax params; with `config`, every path and shape is checked."""
+  from chatrex_jax.convert import safetensors_io
+  params = mapping.unflatten(safetensors_io.load_file(path))
+  if config is not None:
+    mapping.check_tree(params, abstract_params(config), f"UPN file {path}")
+  return params
 
 
 def unused(keys: Iterable[str], config: UPNConfig) -> list[str]:

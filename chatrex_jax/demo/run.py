@@ -143,13 +143,13 @@ def load_pretrained_llm(llm_cfg):
     if not (folder / "config.json").exists():
       raise FileNotFoundError(f"{folder} has no config.json: make it with `python -m "
                               f"chatrex_jax.demo.tiny_llm --workdir DIR --out {folder}`")
-    config, params = llm_convert.load_hf(folder)
+    config, params = llm_convert.load(folder)
     return config, params, load_tokenizer(folder)
   if llm_cfg.source == "gguf":
     path = llm_cfg.gguf or gguf.packaged_file(llm_cfg.package, llm_cfg.file, llm_cfg.install)
     meta, hf, state = gguf.read(path)
     config = LLMConfig.from_hf(hf)
-    return config, llm_convert.from_torch_state(dict(state), config), gguf.tokenizer(meta)
+    return config, llm_convert.to_flax(dict(state), config), gguf.tokenizer(meta)
   raise ValueError(f"llm.source must be 'tiny' or 'gguf', got {llm_cfg.source!r}")
 
 
@@ -164,7 +164,7 @@ def build_initial_model(cfg, paths: Paths):
   import jax
 
   from chatrex_jax.convert import chatrex as chatrex_convert
-  from chatrex_jax.convert import llm as llm_convert
+  from chatrex_jax.models import vocab
   from chatrex_jax.models.chatrex import init_params
   from chatrex_jax.protocol.tokenize import load_tokenizer
   from chatrex_jax.train.mllm_task import model_config
@@ -173,7 +173,7 @@ def build_initial_model(cfg, paths: Paths):
   llm_config, llm_params, tokenizer = load_pretrained_llm(cfg.llm)
   print(f"pretrained LLM: {cfg.llm.source}, {llm_config.num_hidden_layers} layers, hidden "
         f"{llm_config.hidden_size}, vocabulary {llm_config.vocab_size}", flush=True)
-  llm_params, llm_config = llm_convert.add_chatrex_tokens(
+  llm_params, llm_config = vocab.add_chatrex_tokens(
       llm_params, llm_config, tokenizer, init=cfg.llm.new_token_init, seed=cfg.llm.seed)
   towers = load_config("chatrex_tiny:stage1").model
   towers.llm = llm_config.to_hf()
@@ -185,7 +185,7 @@ def build_initial_model(cfg, paths: Paths):
   params = _match_projectors(config, params, paths)
   tmp = paths.init.with_name(paths.init.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)
-  chatrex_convert.save_checkpoint(params, config, tmp, tokenizer=tokenizer)
+  chatrex_convert.save(params, config, tmp, tokenizer=tokenizer)
   tmp.rename(paths.init)   # complete or absent, never half-written
   return tokenizer
 
@@ -295,7 +295,7 @@ def train_chatrex(cfg, paths: Paths, tokenizer, progress: bool):
     params, histories[f"stage{stage}"] = _train(config, task, paths.stage(stage), progress)
     tmp = export.with_name("export.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    chatrex_convert.save_checkpoint(params, task.model_config, tmp, tokenizer=tokenizer)
+    chatrex_convert.save(params, task.model_config, tmp, tokenizer=tokenizer)
     tmp.rename(export)
   return histories
 

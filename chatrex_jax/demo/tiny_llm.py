@@ -327,7 +327,7 @@ def export(params, task: TinyLLMTask, out: pathlib.Path, summary: dict) -> None:
   from chatrex_jax.convert import llm as llm_convert
   tmp = out.with_name(out.name + ".partial")
   shutil.rmtree(tmp, ignore_errors=True)
-  llm_convert.save_hf(params, task.model_config, tmp)
+  llm_convert.save(params, task.model_config, tmp)
   task.tokenizer.save_pretrained(tmp)
   (tmp / "pretraining.json").write_text(json.dumps(summary, indent=2) + "\n")
   if out.exists():

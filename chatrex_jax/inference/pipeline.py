@@ -62,7 +62,7 @@ class ChatRexPipeline:
   def from_checkpoint(cls, path, *, dtype=None, seq_bucket: int = 64, batch_bucket: int = 1,
                       **processor_kwargs) -> "ChatRexPipeline":
     from chatrex_jax.convert import chatrex as chatrex_convert
-    config, params, _ = chatrex_convert.load_checkpoint(path, dtype=dtype)
+    config, params, _ = chatrex_convert.load(path, dtype=dtype)
     processor = ChatRexProcessor.from_checkpoint(
         path, aux_size=config.aux_image_size, clip_size=config.clip.image_size, **processor_kwargs)
     return cls(config, jax.device_put(params), processor, seq_bucket=seq_bucket,

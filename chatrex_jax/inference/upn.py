@@ -219,7 +219,7 @@ class UPNPredictor:
   def from_checkpoint(cls, path, config: UPNConfig | None = None, **kw) -> "UPNPredictor":
     from chatrex_jax.convert import upn as convert_upn
     config = config or UPNConfig()
-    params, report = convert_upn.load_params(path, config)
+    params, report = convert_upn.load(path, config)
     if report.unexpected or report.filled or report.extras:
       print(f"UPN checkpoint {path}: {report}")
     return cls(params, config, **kw)

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     from chatrex_jax.convert import upn as convert_upn
     config = config or UPNConfig()
-    params, _ = convert_upn.load_params(args.params, config)
+    params, _ = convert_upn.load(args.params, config)
   predict = predictor_fn(params, config, args.size, args.max_size, args.min_score, args.nms_iou)
   settings = dict(min_score=args.min_score, nms_iou=args.nms_iou, size=args.size, max_size=args.max_size)
   stats = export_proposals(args.input, args.output, predict, prompt=args.prompt, split=args.split,

@@ -33,14 +33,12 @@ import pathlib
 import pickle
 import shutil
 import sys
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 
 from chatrex_jax.errors import UserError, command
 
-FLAX_FORMAT = "chatrex-jax-flax"   # same tag as chatrex_jax.convert.llm.FLAX_FORMAT
-ORBAX_PARAMS = "params"            # sub-folder of a ChatRex Orbax params dir
 # Files a checkpoint folder carries that are rewritten, never copied verbatim.
 WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".pth", ".pt")
 
@@ -78,6 +76,7 @@ def _output_folder(dst: str, src: pathlib.Path, overwrite: bool) -> pathlib.Path
     for f in out.iterdir():
       if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES + (".partial",)):
         f.unlink()
+    from chatrex_jax.convert.chatrex import ORBAX_PARAMS
     if (out / ORBAX_PARAMS).is_dir():
       shutil.rmtree(out / ORBAX_PARAMS)
   out.mkdir(parents=True, exist_ok=True)
@@ -114,13 +113,6 @@ def _report(path: pathlib.Path, tensors: int, extra: Iterable[str] = ()) -> None
     print("  " + line)
 
 
-def _is_flax_keyed(names: Iterable[str]) -> bool:
-  """Flax-path keys ('a/b/c', 'level_embed') vs torch keys ('a.b.c'): a torch state dict
-  names every tensor module.attribute, a Flax path never holds a dot."""
-  names = list(names)
-  return bool(names) and not any("." in n for n in names)
-
-
 def _count_leaves(tree) -> int:
   from chatrex_jax.convert.mapping import flatten
   return len(flatten(tree))
@@ -129,14 +121,14 @@ def _count_leaves(tree) -> int:
 # ----------------------------------------------------------------------------- llm
 
 def run_llm(args) -> int:
-  from chatrex_jax.convert import gguf, safetensors_io
+  from chatrex_jax.convert import gguf, mapping, safetensors_io
   from chatrex_jax.convert import llm as llm_convert
   from chatrex_jax.models.llm import LLMConfig
   if gguf.is_gguf(args.src):
     return run_gguf(args)
   src = _folder(args.src, "an LLM checkpoint folder (config.json + *.safetensors), or a .gguf file")
   ckpt = _open_checkpoint(src)
-  to_flax = not _is_flax_keyed(ckpt)
+  to_flax = not mapping.is_flax_keyed(ckpt)
   ckpt.close()
   dst = _output_folder(args.dst, src, args.overwrite)
   max_shard = int(args.max_shard_mb * 2**20)
@@ -147,7 +139,7 @@ def run_llm(args) -> int:
     config = LLMConfig.from_hf(llm_convert.read_hf_config(src),
                                tokenizer_class=llm_convert.tokenizer_class(src))
     params = llm_convert.load_flax_checkpoint(src)
-    llm_convert.save_hf(params, config, dst, max_shard_bytes=max_shard)
+    llm_convert.save(params, config, dst, max_shard_bytes=max_shard)
     direction = "Flax -> HF (transformers.AutoModelForCausalLM.from_pretrained loads it)"
   copied = _copy_side_files(src, dst)
   out = safetensors_io.Checkpoint(dst)
@@ -171,7 +163,7 @@ def run_gguf(args) -> int:
   n = len(out)
   out.close()
   _report(dst, n, ["GGUF -> HF (dequantised to float32; transformers.AutoModelForCausalLM and "
-                   "chatrex_jax.convert.llm.load_hf read it)"])
+                   "chatrex_jax.convert.llm.load read it)"])
   return 0
 
 
@@ -185,76 +177,35 @@ def _open_checkpoint(path: pathlib.Path):
 
 # ----------------------------------------------------------------------------- chatrex
 
-def _check_param_shapes(params, config) -> None:
-  """Restored params vs the model's parameter shapes: every mismatch listed at once."""
-  from flax.core import meta
-  import jax
-
-  from chatrex_jax.convert.mapping import ConversionError, flatten
-  from chatrex_jax.models.chatrex import ChatRex, example_batch
-  want = flatten(meta.unbox(jax.eval_shape(ChatRex(config).init, jax.random.key(0),
-                                           example_batch(config))["params"]))
-  got = flatten(params)
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want))
-  misshaped = [f"{k}: {tuple(np.shape(got[k]))} vs model {tuple(want[k].shape)}"
-               for k in sorted(set(want) & set(got)) if tuple(np.shape(got[k])) != tuple(want[k].shape)]
-  if missing or unexpected or misshaped:
-    raise ConversionError("ChatRex Orbax params", missing, unexpected, misshaped)
-
-
-def _is_orbax_params_dir(path: pathlib.Path) -> bool:
-  return (path / ORBAX_PARAMS).is_dir()
-
-
-def save_orbax_params(params, path: pathlib.Path) -> None:
-  import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(path.absolute(), params)
-  ckptr.wait_until_finished()
-  ckptr.close()
-
-
-def load_orbax_params(path: pathlib.Path) -> dict:
-  import jax
-  import orbax.checkpoint as ocp
-  ckptr = ocp.StandardCheckpointer()
-  try:
-    params = ckptr.restore(path.absolute())
-  finally:
-    ckptr.close()
-  return jax.tree.map(np.asarray, params)
-
-
 def run_chatrex(args) -> int:
   from chatrex_jax.convert import chatrex as chatrex_convert
   from chatrex_jax.convert import safetensors_io
+  from chatrex_jax.convert.mapping import ConversionError
   src = _folder(args.src, "a ChatRex checkpoint folder (config.json + *.safetensors) or an Orbax "
                 "params dir (config.json + params/)")
   dst = _output_folder(args.dst, src, args.overwrite)
   notes = []
-  if _is_orbax_params_dir(src):
+  if chatrex_convert.is_orbax_dir(src):
     if args.format == "orbax":
       raise UsageError(f"{src} is already an Orbax params dir; use --format official")
     try:
-      config = chatrex_convert.config_from_json(json.loads((src / "config.json").read_text()))
+      config, params = chatrex_convert.load_orbax(src)
+    except ConversionError:
+      raise
     except ValueError as e:
-      raise UsageError(f"{src / 'config.json'}: {e}") from None
-    params = load_orbax_params(src / ORBAX_PARAMS)
-    _check_param_shapes(params, config)
+      raise UsageError(f"{src}: {e}") from None
     layout = args.layout or "rexseek"
     notes.append(f"Orbax -> official ({layout} layout)")
   else:
-    config, params, found = chatrex_convert.load_checkpoint(src)
+    config, params, found = chatrex_convert.load(src)
     layout = args.layout or found
     notes.append(f"official ({found} layout) -> "
                  + ("Orbax params" if args.format == "orbax" else f"official ({layout} layout)"))
   if args.format == "orbax":
-    (dst / "config.json").write_text(json.dumps(chatrex_convert.config_to_json(config), indent=2))
-    save_orbax_params(params, dst / ORBAX_PARAMS)
+    chatrex_convert.save_orbax(params, config, dst)
     count = _count_leaves(params)
   else:
-    chatrex_convert.save_checkpoint(params, config, dst, layout=layout,
+    chatrex_convert.save(params, config, dst, layout=layout,
                                     max_shard_bytes=int(args.max_shard_mb * 2**20))
     out = safetensors_io.Checkpoint(dst)
     count = len(out)
@@ -278,33 +229,15 @@ def _upn_config(spec: str):
 
 def _official_file(path: pathlib.Path, what: str) -> str:
   """'pth' or 'safetensors' from the file name (a UsageError for anything else)."""
-  if path.suffix in (".pth", ".pt"):
-    return "pth"
-  if path.suffix == ".safetensors":
-    return "safetensors"
-  raise UsageError(f"{what} {path}: expected a .pth/.pt or .safetensors file name")
-
-
-def write_upn_official(state: Mapping[str, np.ndarray], path: pathlib.Path) -> None:
-  """A torch-named state dict -> `.pth` ({"model": ...}, as upn_large.pth) or `.safetensors`."""
-  from chatrex_jax.convert import safetensors_io
-  path.parent.mkdir(parents=True, exist_ok=True)
-  if _official_file(path, "--to") == "safetensors":
-    safetensors_io.save_file(state, path)
-    return
-  import ml_dtypes
-  import torch
-
-  def tensor(v):
-    v = np.asarray(v)
-    if v.dtype == ml_dtypes.bfloat16:  # numpy has no bf16: move the bits
-      return torch.from_numpy(v.view(np.uint16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(v if v.flags.writeable and v.flags.c_contiguous else np.array(v))
-  torch.save({"model": {k: tensor(v) for k, v in state.items()}}, path)
+  from chatrex_jax.convert import upn as upn_convert
+  try:
+    return upn_convert.official_format(path)
+  except ValueError:
+    raise UsageError(f"{what} {path}: expected a .pth/.pt or .safetensors file name") from None
 
 
 def run_upn(args) -> int:
-  from chatrex_jax.convert import mapping, safetensors_io
+  from chatrex_jax.convert import mapping, torch_files
   from chatrex_jax.convert import upn as upn_convert
   src, dst = pathlib.Path(args.src), pathlib.Path(args.dst)
   if not src.exists():
@@ -319,47 +252,40 @@ def run_upn(args) -> int:
     raise UsageError(f"--to {dst} is the source file; write to another file")
   _official_file(src, "--from")
   config = _upn_config(args.config)
-  flax_in = False
-  if src.suffix == ".safetensors":
-    header = safetensors_io.SafetensorsFile(src)
-    flax_in = header.metadata.get("format") == FLAX_FORMAT or _is_flax_keyed(header)
-    header.close()
   notes = []
-  if flax_in:
-    params = mapping.unflatten(safetensors_io.load_file(src))
+  if upn_convert.is_flax_file(src):
+    params = upn_convert.load_flax(src)
     state = upn_convert.to_torch(params, config)
     if _official_file(dst, "--to") == "safetensors" and args.format == "flax":
       raise UsageError(f"{src} is already a Flax-keyed UPN file; give --to a .pth or leave --format out")
-    write_upn_official(state, dst)
+    upn_convert.save_state(state, dst)
     count = len(state)
     notes.append("Flax -> official (torch key names, shared box MLP under every alias, "
                  "relative_position_index buffers)")
   else:
     try:
-      state, extras = upn_convert.read_checkpoint(src, safe_globals=args.safe_globals)
+      state, extras = torch_files.read_checkpoint(src, safe_globals=args.safe_globals)
     except mapping.ConversionError as e:   # objects outside the weights-only allowlist
       raise UsageError(str(e)) from None
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # torch.load's refusals
       raise UsageError(f"{src}: not a readable PyTorch checkpoint with plain tensors "
                        f"(read with weights_only=True): {str(e).splitlines()[0]}") from None
-    params, report = upn_convert.to_flax(state, config)
+    params, report = upn_convert.to_flax(state, config, strict=False)
     report.extras = extras
     del state
     if report.unexpected and args.strict:
       raise UsageError(f"{src}: {report} (drop --strict to skip them, as the official load does)")
     if args.format == "official":
       state = upn_convert.to_torch(params, config)
-      write_upn_official(state, dst)
+      upn_convert.save_state(state, dst)
       count = len(state)
       notes.append("official -> official")
     else:
       if dst.suffix != ".safetensors":
         raise UsageError(f"--to {dst}: the Flax-keyed UPN file is safetensors; name it *.safetensors "
                          "(or pass --format official to write a .pth)")
-      flat = mapping.flatten(params)
-      dst.parent.mkdir(parents=True, exist_ok=True)
-      safetensors_io.save_file(flat, dst, metadata={"format": FLAX_FORMAT, "model": "upn"})
-      count = len(flat)
+      upn_convert.save_flax(params, dst)
+      count = _count_leaves(params)
       notes.append("official -> Flax (keys are Flax paths; chatrex_jax.convert.mapping.unflatten "
                    "of safetensors_io.load_file gives the params)")
     if report.unexpected or report.missing_aliases or report.filled or report.extras:
@@ -428,7 +354,7 @@ def _export_upn(args, config, params) -> int:
     raise UsageError(f"--to {dst} exists; pass --overwrite to replace it")
   model = upn_model_config(config.model)
   state = upn_convert.to_torch(params, model)
-  write_upn_official(state, dst)
+  upn_convert.save_state(state, dst)
   _report(dst, len(state), [f"training checkpoint ({args.workdir}) -> official UPN",
                             "use it with `python -m chatrex_jax.inference.upn_predict --upn "
                             f"{dst} --config FILE[:ARG]` (the run's model section)"])
@@ -455,8 +381,8 @@ def _export_chatrex(args, config, params) -> int:
     notes.append("no tokenizer (config.data.tokenizer_dir is empty): copy one into the folder "
                  "before `chatrex-jax predict`")
   dst = _output_folder(args.dst, pathlib.Path(args.workdir), args.overwrite)
-  chatrex_convert.save_checkpoint(params, model, dst, layout=args.layout or "rexseek",
-                                  max_shard_bytes=int(args.max_shard_mb * 2**20), tokenizer=tokenizer)
+  chatrex_convert.save(params, model, dst, layout=args.layout or "rexseek",
+                       max_shard_bytes=int(args.max_shard_mb * 2**20), tokenizer=tokenizer)
   out = safetensors_io.Checkpoint(dst)
   count = len(out)
   out.close()

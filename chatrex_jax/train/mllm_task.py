@@ -89,7 +89,7 @@ class ChatRexTask(TrainTask):
     self.model_config = model_config(config.model, vocab)
     if self.tokenizer is not None and len(self.tokenizer) > self.model_config.llm.vocab_size:
       raise ConfigError(f"tokenizer has {len(self.tokenizer)} tokens but the LLM vocabulary is "
-                       f"{self.model_config.llm.vocab_size}: resize with convert.llm.resize_vocab")
+                       f"{self.model_config.llm.vocab_size}: resize with models.vocab.resize_vocab")
     self.model = ChatRex(self.model_config)
     self.stage = config.stage
     # `<obj0>`..`<obj99>` ids (contiguous, added in order): for the object-choice accuracy.
@@ -131,7 +131,7 @@ class ChatRexTask(TrainTask):
       raise ConfigError(f"model.init_from={path} holds another LLM than model.llm: " + "; ".join(diff)
                        + ". Use the config of its base (chatrex_jax/configs/chatrex_7b.py:STAGE,vicuna for the "
                        "released ChatRex-7B) or leave model.llm empty to take the checkpoint's")
-    config, params, _ = chatrex_convert.load_checkpoint(path)
+    config, params, _ = chatrex_convert.load(path)
     if self.model_config.llm.scan_layers:
       from chatrex_jax.convert import llm as llm_convert
       params["llm"] = llm_convert.stack_layers(params["llm"], config.llm.num_hidden_layers)

@@ -130,7 +130,7 @@ class UPNTask(TrainTask):
     if not path:
       return None
     from chatrex_jax.convert import upn as convert_upn
-    params, report = convert_upn.load_params(path, self.model_config)
+    params, report = convert_upn.load(path, self.model_config)
     if report.unexpected:
       print(f"UPN init_from {path}: {report}", flush=True)
     return params

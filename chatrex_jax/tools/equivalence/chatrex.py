@@ -40,7 +40,7 @@ def _batch(config, ids, mask, labels, pixels, pixels_aux, boxes, counts):
 def run_chatrex_forward(fx: Fixture) -> RunResult:
   config = fixture_config(fx.config)
   model = ChatRex(config)
-  params = chatrex_convert.from_torch_state(fx.weights(), config, layout="rexseek")
+  params = chatrex_convert.to_flax(fx.weights(), config, layout="rexseek")
   x = fx.inputs
   batch, plan = _batch(config, x["input_ids"], x["attention_mask"], x["labels"], x["pixel_values"],
                        x["pixel_values_aux"], x["gt_boxes"], x["num_gt_boxes_per_image"])

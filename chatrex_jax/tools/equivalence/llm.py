@@ -16,7 +16,7 @@ def run_qwen2_lm(fx: Fixture) -> RunResult:
   config = LLMConfig.from_hf(dict(fx.config["qwen2_config"], model_type="qwen2"))
   model = CausalLM(config)
   expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
-  params = llm_convert.from_torch_state(fx.weights(), config, expected=expected)
+  params = llm_convert.to_flax(fx.weights(), config, expected=expected)
   x = fx.inputs
   out = model.apply({"params": params}, jnp.asarray(x["input_ids"]),
                     positions=jnp.asarray(x["position_ids"]),
