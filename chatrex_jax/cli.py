@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("chatrex_jax.demo", "the embedded end-to-end run: data engine -> UPN -> ChatRex -> eval"),
     "train": ("chatrex_jax.train.main", "train with --config FILE[:ARG] --workdir DIR"),
     "predict": ("chatrex_jax.inference.predict", "image + prompt [+ boxes | UPN] -> answer, boxes, PNG"),
+    "serve": ("chatrex_jax.serve", "web demo (gradio): UPN proposals and ChatRex tasks in a browser"),
     "convert": ("chatrex_jax.tools.convert", "official checkpoints <-> this project's format"),
     "check-equivalence": ("chatrex_jax.tools.check_equivalence", "compare with golden fixtures"),
     "eval": ("chatrex_jax.eval.main", "evaluate a model on a benchmark"),

@@ -39,3 +39,15 @@ def highest_precision():
 @pytest.fixture(scope="session")
 def n_devices() -> int:
   return jax.device_count()
+
+
+@pytest.fixture(scope="session")
+def demo_quick(tmp_path_factory):
+  """One `chatrex-jax demo --quick` run (about 4 minutes) shared by the demo and the serve tests:
+  (workdir, exit status, report.json)."""
+  import json
+
+  from chatrex_jax.demo import run as demo
+  workdir = tmp_path_factory.mktemp("demo")
+  rc = demo.main(["--quick", "--workdir", str(workdir), "--no-progress"])
+  return workdir, rc, json.loads((workdir / "report.json").read_text())

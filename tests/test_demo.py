@@ -15,10 +15,8 @@ from chatrex_jax.demo import run as demo
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-  workdir = tmp_path_factory.mktemp("demo")
-  rc = demo.main(["--quick", "--workdir", str(workdir), "--no-progress"])
-  return workdir, rc, json.loads((workdir / "report.json").read_text())
+def quick(demo_quick):
+  return demo_quick
 
 
 def test_quick_run_writes_a_complete_report(quick):

@@ -51,10 +51,20 @@ def read_boxes(path) -> tuple[np.ndarray, np.ndarray | None]:
   the file, the box and the fix for anything else than `BOXES_FORMAT`."""
   where = f"--boxes {path}"
   try:
-    data = json.loads(pathlib.Path(path).read_text())
+    text = pathlib.Path(path).read_text()
   except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
     raise UserError(f"{where}: {e.strerror}; expected a file holding {BOXES_FORMAT}") from e
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except UnicodeDecodeError as e:
+    raise UserError(f"{where}: not JSON ({e}); expected {BOXES_FORMAT}") from e
+  return parse_boxes(text, where)
+
+
+def parse_boxes(text: str, where: str = "boxes") -> tuple[np.ndarray, np.ndarray | None]:
+  """JSON text in `BOXES_FORMAT` -> (boxes float64 [N, 4], scores float64 [N] or None); a
+  `UserError` starting with `where` for anything else."""
+  try:
+    data = json.loads(text)
+  except json.JSONDecodeError as e:
     raise UserError(f"{where}: not JSON ({e}); expected {BOXES_FORMAT}") from e
   scores = None
   if isinstance(data, dict):

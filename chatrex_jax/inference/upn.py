@@ -84,11 +84,14 @@ def preprocess(image, size: int = 800, max_size: int = 1333) -> tuple[np.ndarray
   return x, (h, w)
 
 
-def pad_batch(images: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+def pad_batch(images: Sequence[np.ndarray], multiple: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """nested_tensor_from_tensor_list: [h_i, w_i, 3] -> ([B, H, W, 3] zero padded, mask [B, H, W]
-  True on padding)."""
+  True on padding). multiple: round H and W up to it (a server's fixed shape buckets; padding
+  is masked, but the encoder's valid ratios see it, so outputs differ slightly from unpadded)."""
   hmax = max(x.shape[0] for x in images)
   wmax = max(x.shape[1] for x in images)
+  if multiple:
+    hmax, wmax = -(-hmax // multiple) * multiple, -(-wmax // multiple) * multiple
   batch = np.zeros((len(images), hmax, wmax, 3), np.float32)
   mask = np.ones((len(images), hmax, wmax), bool)
   for i, x in enumerate(images):
@@ -206,7 +209,7 @@ class UPNPredictor:
   """
 
   def __init__(self, params, config: UPNConfig, size: int = 800, max_size: int = 1333,
-               batch_bucket: int | None = None):
+               batch_bucket: int | None = None, pad_multiple: int | None = None):
     self.params = params
     self.config = config
     self.model = UPN(config)
@@ -214,6 +217,8 @@ class UPNPredictor:
     # Pad batches to a multiple of batch_bucket (repeating the last image) so a dataset's short
     # last batches reuse one compiled forward instead of compiling one per batch size.
     self.batch_bucket = batch_bucket
+    # Pad height and width up to a multiple of this (`pad_batch`): a server sees few shapes.
+    self.pad_multiple = pad_multiple
 
   @classmethod
   def from_checkpoint(cls, path, config: UPNConfig | None = None, **kw) -> "UPNPredictor":
@@ -233,7 +238,7 @@ class UPNPredictor:
     n = len(prepped)
     if self.batch_bucket and n % self.batch_bucket:
       prepped += [prepped[-1]] * (self.batch_bucket - n % self.batch_bucket)
-    batch, mask = pad_batch([x for x, _ in prepped])
+    batch, mask = pad_batch([x for x, _ in prepped], self.pad_multiple)
     out = forward(self.model, self.params, batch, mask, (prompt_type,))[prompt_type]
     return postprocess(out["pred_boxes"][:n], out["pred_logits"][:n], [hw for _, hw in prepped[:n]])
 
