@@ -25,6 +25,13 @@ HELP = """**ChatRex** - pick a task; boxes come from UPN, or from you: draw rect
 for region captions: `0,2` or `<obj0>,<obj2>` (empty: every box)."""
 
 
+def _upn_controls(gr, prompt_label: str):
+  """The UPN settings both tabs offer: (prompt, score threshold, NMS IoU)."""
+  return (gr.Radio(["fine", "coarse"], value="fine", label=prompt_label),
+          gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="score threshold"),
+          gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="NMS IoU (0: off)"))
+
+
 def build_app(service: Service):
   """The gradio Blocks of both demos, bound to `service`."""
   import gradio as gr
@@ -67,9 +74,7 @@ def build_app(service: Service):
       with gr.Row():
         with gr.Column():
           upn_image = gr.Image(type="filepath", label="image", elem_id="upn-image")
-          upn_prompt = gr.Radio(["fine", "coarse"], value="fine", label="prompt")
-          upn_score = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="score threshold")
-          upn_nms = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="NMS IoU (0: off)")
+          upn_prompt, upn_score, upn_nms = _upn_controls(gr, "prompt")
           upn_run = gr.Button("Propose", variant="primary", elem_id="upn-run")
         with gr.Column():
           upn_out = gr.Image(type="pil", format="png", label="proposals", elem_id="upn-output")
@@ -90,9 +95,7 @@ def build_app(service: Service):
           box_source = gr.Radio(list(BOX_SOURCES), value=BOX_SOURCES[0], label="boxes")
           boxes_json = gr.Textbox(label="boxes as JSON (optional)", elem_id="chatrex-boxes")
           with gr.Accordion("UPN settings", open=False):
-            prompt_type = gr.Radio(["fine", "coarse"], value="fine", label="UPN prompt")
-            score = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="score threshold")
-            nms = gr.Slider(0.0, 1.0, value=0.8, step=0.01, label="NMS IoU (0: off)")
+            prompt_type, score, nms = _upn_controls(gr, "UPN prompt")
           run = gr.Button("Answer", variant="primary", elem_id="chatrex-run")
         with gr.Column():
           out_image = gr.Image(type="pil", format="png", label="answer", elem_id="chatrex-output")
