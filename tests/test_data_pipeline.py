@@ -398,3 +398,24 @@ def test_tiny_model_consumes_batches_without_recompiling(tok_dir, data_dirs):
     assert np.isfinite(float(value)) and float(value) > 0
     assert int(count) == int((batch["labels"][:, 1:] != C.IGNORE_INDEX).sum()) > 0
   assert len(traces) == 1
+
+
+def test_follow_up_turns_that_do_not_fit_are_dropped_whole(tok_dir, data_dirs):
+  """tasks.turns > 1 with a seq_len that holds only some of them: the example keeps whole turns
+  (labels = exactly the kept answers + end-of-turn), never an answer cut in the middle."""
+  from transformers import AutoTokenizer
+  tok = AutoTokenizer.from_pretrained(tok_dir)
+  cfg = tiny_config(tok_dir, [{"path": data_dirs["a"], "weight": 1.0}], seq_len=200)
+  cfg.tasks.weights = {"grounding": 1.0, "region": 1.0}
+  cfg.tasks.turns = 12
+  builder = pipeline.ExampleBuilder(cfg, pipeline.open_sources(cfg))
+  kept = []
+  for i, rec in enumerate(data_dirs["recs_a"][:6]):
+    out, sample = builder.build(rec, np.random.default_rng(i), return_sample=True)
+    kept.append(len(sample.turns))
+    labels = out["labels"][out["labels"] != C.IGNORE_INDEX]
+    want = "".join(builder.template.response_prefix + a + C.QWEN_IM_END for _, a in sample.turns)
+    assert tok.decode(labels.tolist(), skip_special_tokens=False) == want
+    assert len(sample.answer_regions) == sum(len(parse_groups(a)) for _, a in sample.turns)
+    assert int(out["attention_mask"].sum()) <= 200
+  assert 1 < min(kept) and max(kept) < 12

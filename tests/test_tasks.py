@@ -142,3 +142,46 @@ def test_no_regions_falls_back_to_plain_caption():
   rec = dict(scene_record(1), regions=[], conversations=[])
   s = tasks.sample_task(rec, np.random.default_rng(0), None)
   assert (s.task, s.kind) == ("grounded_caption", "plain") and s.turns[0][1] == rec["caption"]
+
+
+@pytest.mark.parametrize("max_objects", [20, 3])
+def test_follow_up_turns_share_the_boxes(max_objects):
+  """`turns` > 1: follow-up grounding / region questions about the same boxes, without the
+  image and object prefix; every answer points at the right boxes, and a grounding answer
+  names every region of that name among the boxes (also when max_objects cut the scene)."""
+  config = {"weights": {"grounding": 1.0, "region": 1.0}, "turns": 5, "grounding_max_queries": 2,
+            "region_max_regions": 2}
+  kinds = set()
+  for seed in range(12):
+    rec = scene_record(seed % 6)
+    s = tasks.sample_task(rec, np.random.default_rng(seed), config, max_objects=max_objects)
+    assert len(s.turns) == 5
+    assert s.turns[0][0].startswith("<image>\n" + prompts.object_string(len(s.boxes)) + "\n")
+    for user, _ in s.turns[1:]:
+      assert "<image>" not in user and "<objfeat>" not in user and "\n" not in user
+      kinds.add("region" if "<obj" in user else "grounding")
+    check_indices(s, rec)
+    shown = [r for r in rec["regions"] if r["id"] in set(s.box_region.tolist())]
+    answer_regions = iter(s.answer_regions)
+    asked: set = set()
+    for turn, (user, answer) in enumerate(s.turns):
+      turn_regions = set()
+      for name, _ in parse_groups(answer):
+        rids = next(answer_regions)
+        turn_regions |= set(rids)
+        if turn and "<obj" not in user:  # grounding: every region of that name among the boxes
+          assert any(sorted(rids) == sorted(r["id"] for r in shown if r[f] == name)
+                     for f in ("category", "phrase", "referring"))
+      if turn and "<obj" in user and len(asked) < len(shown):
+        assert not turn_regions & asked   # a region follow-up asks about regions not named yet
+      asked |= turn_regions
+  assert kinds == {"region", "grounding"}
+
+
+def test_follow_up_turns_only_for_perception_tasks_with_weight():
+  rec = scene_record(2)
+  captions_only = {"weights": {"grounded_caption": 1.0}, "turns": 3}
+  s = tasks.sample_task(rec, np.random.default_rng(0), captions_only, max_objects=20)
+  assert s.task == "grounded_caption" and len(s.turns) == 1
+  with pytest.raises(ValueError, match="turns=0"):
+    tasks.sample_task(rec, np.random.default_rng(0), {"turns": 0}, max_objects=20)

@@ -37,7 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  region_granularities={"category": 2.0, "short_phrase": 1.0, "brief": 0.5,
                                        "one_sentence": 0.25},
                  grounding_max_queries=3, region_max_regions=3, prompt_variants="all",
-                 brief_caption_max_sentences=1),
+                 brief_caption_max_sentences=1, turns=1),
       proposals=dict(use_stored=False, synthesize=True, min_extra=0, max_extra=8, dedup_iou=0.5,
                      jitter_prob=0.5, jitter_scale=0.3)))
   c.optim = common.optim(lr=3e-3, total_steps=8000, warmup_steps=200, end_lr_ratio=0.1,

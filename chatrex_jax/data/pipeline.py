@@ -122,6 +122,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   cfg.tasks.region_max_regions = 1     # regions per region-understanding question
   cfg.tasks.prompt_variants = "all"    # "all" paraphrases (training) or "first" (inference prompt)
   cfg.tasks.brief_caption_max_sentences = 1
+  cfg.tasks.turns = 1                  # > 1: follow-up grounding / region turns on the same boxes
 
   cfg.proposals = ml_collections.ConfigDict()
   cfg.proposals.use_stored = True      # record `proposals` (UPN) when present
@@ -252,6 +253,19 @@ def _tokenizer_and_template(tokenizer_dir: str, template_name: str):
   return tok, template
 
 
+def fit_turns(turns, tokenizer, template, *, system=None, seq_len: int,
+              num_image_tokens: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """(input_ids, labels, turns kept) of the conversation without the trailing turns whose
+  merged sequence would pass `seq_len` (follow-ups are dropped whole, never cut mid-answer);
+  the first turn is always kept (a longer one is cut at seq_len by the merge plan, `truncate`)."""
+  turns = list(turns)
+  while True:
+    ids, labels = tokenize.build_training_example(turns, tokenizer, template, system=system)
+    if len(turns) == 1 or merge.merged_length(ids, num_image_tokens) <= seq_len:
+      return ids, labels, len(turns)
+    turns.pop()
+
+
 class ExampleBuilder:
   """(reference, rng) -> one fixed-shape training example (numpy dict, see module doc).
 
@@ -323,8 +337,9 @@ class ExampleBuilder:
           clip_size=self.cfg.clip_image_size, max_objects=self.cfg.max_objects,
           box_overflow="raise")
       stage = "tokenisation"
-      ids, labels = tokenize.build_training_example(sample.turns, tokenizer, template,
-                                                    system=cfg.system_prompt)
+      ids, labels, kept = fit_turns(sample.turns, tokenizer, template, system=cfg.system_prompt,
+                                    seq_len=cfg.seq_len, num_image_tokens=cfg.num_image_tokens)
+      sample = tasks.keep_turns(sample, kept)
       stage = "merge plan"
       n_boxes = processed.boxes.shape[0]
       plan = merge.merge_plan([ids], labels=[labels], seq_len=cfg.seq_len,

@@ -21,6 +21,12 @@ Tasks (names are the keys of `config.tasks.weights`):
   becomes ``<ground>span</ground><objects>...</objects>``; every user turn is prefixed with
   `prompts.GROUNDED_CONVERSATION_PREFIX` (docs/architecture.md C).
 
+Follow-up turns (`config.turns` > 1): the conversation goes on with more grounding / region
+questions about the same input boxes, drawn like the first (same weights and kinds, over the regions
+among the boxes, preferring regions no earlier answer named), each a user turn without the image and
+object prefix, as a multi-turn chat continues. One image and object list then supervises several
+answers; the pipeline drops the follow-ups that do not fit `seq_len` whole (`fit_turns`).
+
 Input boxes (`build_input_boxes`): every ground-truth region box (capped so at most `max_objects`
 boxes are given; regions the answer needs are always kept) mixed with extra negatives: the record's
 stored UPN proposals when present (those overlapping a ground-truth box by IoU >= `dedup_iou` are
@@ -345,7 +351,8 @@ def sample_task(record: Mapping[str, Any], rng: np.random.Generator, config=None
   """Draws one task (weights `config.weights`) for the record and builds its turns and boxes.
 
   config: the `tasks` section of the data config (weights, grounding_kinds, region_granularities,
-    grounding_max_queries, region_max_regions, prompt_variants, brief_caption_max_sentences).
+    grounding_max_queries, region_max_regions, prompt_variants, brief_caption_max_sentences,
+    turns: 1 + the follow-up grounding / region turns about the same boxes; default 1).
   proposals: the `proposals` section (see `build_input_boxes`).
   task: force a task (tests); otherwise drawn among `applicable_tasks(record)`.
   A record with no applicable task but a caption gets a plain caption answer ("grounded_caption",
@@ -367,19 +374,61 @@ def sample_task(record: Mapping[str, Any], rng: np.random.Generator, config=None
   elif task not in possible:
     raise FieldError("regions" if task != "conversation" else "conversations",
                      f"task {task!r} is not applicable to this record (applicable: {possible})")
-  if task == "grounding":
-    return _grounding(record, rng, config, max_objects, proposals)
-  if task == "region":
-    return _region(record, rng, config, max_objects, proposals)
-  if task == "grounded_caption":
-    return _grounded_caption(record, rng, config, max_objects, proposals)
-  if task == "conversation":
-    return _conversation(record, rng, config, max_objects, proposals)
-  return _plain_caption(record, rng, config, max_objects, proposals)
+  build = {"grounding": _grounding, "region": _region, "grounded_caption": _grounded_caption,
+           "conversation": _conversation}.get(task, _plain_caption)
+  sample = build(record, rng, config, max_objects, proposals)
+  follow_ups = int(_cfg(config, "turns", 1)) - 1
+  if follow_ups < 0:
+    raise ValueError(f"tasks.turns={follow_ups + 1}: a conversation needs at least 1 turn")
+  return _add_follow_ups(sample, record, rng, config, max_objects, follow_ups) if follow_ups else sample
 
 
-def _finish(task, kind, record, rng, required, max_objects, proposals, make_turns) -> TaskSample:
-  boxes, box_region = build_input_boxes(record, rng, required, max_objects, proposals)
+PERCEPTION_TASKS = ("grounding", "region")
+
+
+def _add_follow_ups(sample: TaskSample, record, rng, config, max_objects: int,
+                    count: int) -> TaskSample:
+  """`sample` with `count` more grounding / region turns about its input boxes (the tasks of
+  `config.weights` among PERCEPTION_TASKS; none when both weigh 0). A follow-up asks about
+  regions no earlier answer named while there are any, so its answer is found among the boxes,
+  not copied from the conversation."""
+  index_of = {rid: k for k, rid in enumerate(sample.box_region.tolist()) if rid >= 0}
+  shown = dict(record, regions=[r for r in _regions(record) if int(r["id"]) in index_of])
+  weights = dict(_cfg(config, "weights", None) or {n: 1.0 for n in TASK_NAMES})
+  usable = [t for t in PERCEPTION_TASKS if float(weights.get(t, 0)) > 0]
+  if not usable or not shown["regions"]:
+    return sample
+  prefix = prompts.build_user_text("", len(sample.boxes))
+  turns, answer_regions = list(sample.turns), list(sample.answer_regions)
+  for _ in range(count):
+    task = _weighted_choice(rng, weights, usable, "task")
+    build = _grounding if task == "grounding" else _region
+    asked = frozenset(r for group in answer_regions for r in group)
+    more = build(shown, rng, config, max_objects, None, boxes=(sample.boxes, sample.box_region),
+                 asked=asked)
+    (question, answer), = more.turns
+    assert question.startswith(prefix), "build_user_text changed its layout"
+    turns.append((question[len(prefix):], answer))
+    answer_regions += more.answer_regions
+  return dataclasses.replace(sample, turns=turns, answer_regions=answer_regions)
+
+
+def keep_turns(sample: TaskSample, count: int) -> TaskSample:
+  """The sample's first `count` turns (and the answer groups they hold)."""
+  if count >= len(sample.turns):
+    return sample
+  turns = sample.turns[:count]
+  groups = sum(answer.count(C.GROUND_START) for _, answer in turns)
+  return dataclasses.replace(sample, turns=turns, answer_regions=sample.answer_regions[:groups])
+
+
+def _finish(task, kind, record, rng, required, max_objects, proposals, make_turns,
+            boxes=None) -> TaskSample:
+  """The sample on `boxes` ((boxes, box_region) of an earlier turn) or on new input boxes."""
+  if boxes is None:
+    boxes, box_region = build_input_boxes(record, rng, required, max_objects, proposals)
+  else:
+    boxes, box_region = boxes
   index_of: dict[int, int] = {}
   for k, rid in enumerate(box_region.tolist()):
     if rid >= 0:
@@ -389,12 +438,13 @@ def _finish(task, kind, record, rng, required, max_objects, proposals, make_turn
                     answer_regions=answer_regions)
 
 
-def _grounding(record, rng, config, max_objects, proposals) -> TaskSample:
+def _grounding(record, rng, config, max_objects, proposals, boxes=None,
+               asked: frozenset = frozenset()) -> TaskSample:
   kinds = dict(_cfg(config, "grounding_kinds", None) or {k: 1.0 for k in GROUNDING_KINDS})
   kind = _weighted_choice(rng, kinds, GROUNDING_KINDS, "grounding kind")
   field = {"category": "category", "phrase": "phrase", "referring": "referring"}[kind]
   groups = _group_by(record, field)
-  keys = sorted(groups)
+  keys = sorted(k for k in groups if not asked & set(groups[k][1])) or sorted(groups)
   max_q = 1 if kind == "referring" else int(_cfg(config, "grounding_max_queries", 3))
   n_q = int(rng.integers(1, min(max_q, len(keys)) + 1))
   chosen = [keys[i] for i in rng.choice(len(keys), size=n_q, replace=False)]
@@ -418,14 +468,17 @@ def _grounding(record, rng, config, max_objects, proposals) -> TaskSample:
     answer = "\n".join(grounded(name, [index_of[r] for r in rids]) for name, rids in kept)
     return ([(prompts.build_user_text(question, n), answer)],
             [sorted(rids, key=lambda r: index_of[r]) for _, rids in kept])
-  return _finish("grounding", kind, record, rng, required, max_objects, proposals, make_turns)
+  return _finish("grounding", kind, record, rng, required, max_objects, proposals, make_turns,
+                 boxes)
 
 
-def _region(record, rng, config, max_objects, proposals) -> TaskSample:
+def _region(record, rng, config, max_objects, proposals, boxes=None,
+            asked: frozenset = frozenset()) -> TaskSample:
   grans = dict(_cfg(config, "region_granularities", None) or {g: 1.0 for g in REGION_GRANULARITIES})
   gran = _weighted_choice(rng, grans, tuple(REGION_GRANULARITIES), "region granularity")
   prompt_gran, field = REGION_GRANULARITIES[gran]
-  rids_all = [int(r["id"]) for r in _regions(record)]
+  rids_all = ([int(r["id"]) for r in _regions(record) if int(r["id"]) not in asked]
+              or [int(r["id"]) for r in _regions(record)])
   max_r = min(int(_cfg(config, "region_max_regions", 1)), len(rids_all), max_objects)
   n_r = int(rng.integers(1, max_r + 1))
   rids = [rids_all[i] for i in rng.choice(len(rids_all), size=n_r, replace=False)]
@@ -437,7 +490,7 @@ def _region(record, rng, config, max_objects, proposals) -> TaskSample:
                                 granularity=prompt_gran, variant=variant)
     answer = "\n".join(grounded(t, [index_of[r]]) for t, r in zip(texts, rids))
     return [(prompts.build_user_text(question, n), answer)], [[r] for r in rids]
-  return _finish("region", gran, record, rng, rids, max_objects, proposals, make_turns)
+  return _finish("region", gran, record, rng, rids, max_objects, proposals, make_turns, boxes)
 
 
 def _sentences(text: str) -> int:

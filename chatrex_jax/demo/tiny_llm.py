@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatrex_jax.data import merge, tasks
+from chatrex_jax.data import merge, pipeline, tasks
 from chatrex_jax.models import merge as model_merge
 from chatrex_jax.protocol import prompts, templates, tokenize
 from chatrex_jax.protocol import tokens as C
@@ -170,7 +170,8 @@ class Examples:
       scene = text_scene(rng, d.min_objects, d.max_objects_per_scene)
       sample = tasks.sample_task(scene, rng, task_cfg or d.tasks, max_objects=d.max_objects,
                                  proposals=d.proposals, task=task)
-      ids, labels = tokenize.build_training_example(sample.turns, self.tokenizer, self.template)
+      ids, labels, _ = pipeline.fit_turns(sample.turns, self.tokenizer, self.template,
+                                          seq_len=d.seq_len, num_image_tokens=d.num_image_tokens)
       if merge.merged_length(ids, d.num_image_tokens) <= d.seq_len:
         break
     else:
@@ -292,9 +293,11 @@ class TinyLLMTask(TrainTask):
 # ----------------------------------------------------------------------------- evaluation
 
 EVAL_KINDS = {  # name -> (task, task-config overrides)
-    "referring": ("grounding", {"grounding_kinds": {"referring": 1.0}}),
-    "category_grounding": ("grounding", {"grounding_kinds": {"category": 1.0}, "grounding_max_queries": 1}),
-    "region_category": ("region", {"region_granularities": {"category": 1.0}, "region_max_regions": 1}),
+    "referring": ("grounding", {"grounding_kinds": {"referring": 1.0}, "turns": 1}),
+    "category_grounding": ("grounding", {"grounding_kinds": {"category": 1.0},
+                                         "grounding_max_queries": 1, "turns": 1}),
+    "region_category": ("region", {"region_granularities": {"category": 1.0},
+                                   "region_max_regions": 1, "turns": 1}),
 }
 
 
