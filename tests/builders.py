@@ -164,3 +164,40 @@ def assert_same_tree(a, b):
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
     assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y), k
+
+
+# ----------------------------------------------------------------------------- MLLM trainer runs
+
+TRAIN_CLIP = ("{'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, "
+              "'num_attention_heads': 4, 'image_size': 28, 'patch_size': 14, 'select_layer': -2}")
+
+
+def write_train_assets(root):
+  """A tiny real tokenizer (root/tok) and 24 engine records of 64 px scenes (root/data)."""
+  import pathlib
+
+  from chatrex_jax.data.tiny_tokenizer import DEFAULT_TEXTS, build_tiny_tokenizer
+  root = pathlib.Path(root)
+  texts = list(DEFAULT_TEXTS) + [synthetic.caption(synthetic.make_scene(0, i)) for i in range(20)]
+  build_tiny_tokenizer(root / "tok", texts, family="qwen", vocab_size=600)
+  write_engine_dataset(str(root / "data"), [scene_record(i, image_size=64) for i in range(24)], 8)
+  return root
+
+
+def train_overrides(assets, **extra) -> list[str]:
+  """`key=value` overrides of chatrex_tiny:stageN for a seconds-long run on `write_train_assets`."""
+  base = {"data.sources": f"[{{'path': '{assets / 'data'}', 'weight': 1.0}}]",
+          "data.tokenizer_dir": f"'{assets / 'tok'}'", "model.clip": TRAIN_CLIP,
+          "model.aux_image_size": "64", "data.seq_len": "192", "data.max_objects": "6",
+          "data.batch_size": "8", "data.proposals.max_extra": "3", "optim.total_steps": "8",
+          "train.checkpoint_every": "3"}
+  base.update({k: str(v) for k, v in extra.items()})
+  return [f"{k}={v}" for k, v in base.items()]
+
+
+def train_cmd(assets, workdir, *flags, stage: str = "stage2", **extra) -> list[str]:
+  """`python -m chatrex_jax.train.main` (what `chatrex-jax train` runs) on the tiny config."""
+  import sys
+  cmd = [sys.executable, "-m", "chatrex_jax.train.main", "--config", f"chatrex_tiny:{stage}",
+         "--workdir", str(workdir), *flags]
+  return cmd + [f"--config.{o}" for o in train_overrides(assets, **extra)]

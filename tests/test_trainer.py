@@ -4,7 +4,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -17,31 +16,15 @@ from chatrex_jax.train import checkpoint as ckpt_lib
 from chatrex_jax.train.metrics import read_jsonl
 from chatrex_jax.train.mllm_task import ChatRexTask
 from chatrex_jax.train.trainer import Trainer, TrainingDiverged
-from tests.builders import scene_record, write_engine_dataset
+from tests.builders import train_cmd, write_train_assets
+from tests.builders import train_overrides as overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CLIP = ("{'hidden_size': 32, 'intermediate_size': 64, 'num_hidden_layers': 2, 'num_attention_heads': 4, "
-        "'image_size': 28, 'patch_size': 14, 'select_layer': -2}")
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-  from chatrex_jax.data.tiny_tokenizer import DEFAULT_TEXTS, build_tiny_tokenizer
-  from data_engine import synthetic
-  root = tmp_path_factory.mktemp("train")
-  texts = list(DEFAULT_TEXTS) + [synthetic.caption(synthetic.make_scene(0, i)) for i in range(20)]
-  build_tiny_tokenizer(root / "tok", texts, family="qwen", vocab_size=600)
-  write_engine_dataset(str(root / "data"), [scene_record(i, image_size=64) for i in range(24)], 8)
-  return root
-
-
-def overrides(assets, **extra):
-  base = {"data.sources": f"[{{'path': '{assets / 'data'}', 'weight': 1.0}}]",
-          "data.tokenizer_dir": f"'{assets / 'tok'}'", "model.clip": CLIP, "model.aux_image_size": "64",
-          "data.seq_len": "192", "data.max_objects": "6", "data.batch_size": "8",
-          "data.proposals.max_extra": "3", "optim.total_steps": "8", "train.checkpoint_every": "3"}
-  base.update({k: str(v) for k, v in extra.items()})
-  return [f"{k}={v}" for k, v in base.items()]
+  return write_train_assets(tmp_path_factory.mktemp("train"))
 
 
 def config(assets, stage="stage2", **extra):
@@ -122,9 +105,7 @@ def test_sharded_step_equals_single_device(assets, tmp_path, n_devices):
 
 
 def _train_cmd(assets, workdir, **extra):
-  cmd = [sys.executable, "-m", "chatrex_jax.train.main", "--config", "chatrex_tiny:stage2",
-         "--workdir", str(workdir)]
-  return cmd + [f"--config.{o}" for o in overrides(assets, **extra)]
+  return train_cmd(assets, workdir, **extra)
 
 
 def test_kill9_then_resume_reproduces_losses_and_data_order(assets, tmp_path):

@@ -16,11 +16,30 @@ from chatrex_jax.configs import ConfigError, load_config, split_overrides
 from chatrex_jax.errors import command
 
 
-def maybe_initialize_distributed(force: bool = False):
+def maybe_initialize_distributed(force: bool = False, coordinator: str | None = None,
+                                 num_processes: int | None = None, process_id: int | None = None,
+                                 heartbeat_timeout: int = 100) -> None:
+  """`jax.distributed.initialize()` for multi-process runs.
+
+  Pods and clusters (TPU, SLURM, Open MPI) describe themselves: nothing to pass. Elsewhere (CPU
+  hosts, a test on one machine) give coordinator, num_processes and process_id; a process whose
+  peer stops sending heartbeats for `heartbeat_timeout` seconds fails with an error rather than
+  waiting in a collective forever.
+  """
   import jax
+  explicit = (coordinator, num_processes, process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ConfigError("--coordinator, --num-processes and --process-id go together: give all "
+                        "three (or none, on a TPU pod / SLURM / Open MPI, which describe themselves)")
+    if not 0 <= process_id < num_processes:
+      raise ConfigError(f"--process-id {process_id} outside [0, --num-processes {num_processes})")
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout)
+    return
   multi = any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES"))
   if force or (multi and int(os.environ.get("SLURM_NTASKS", "2")) > 1):
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout)
 
 
 def build_task(config):
@@ -43,10 +62,17 @@ def main(argv=None) -> int:
                  help="NAME[:ARG] (a packaged config, e.g. chatrex_tiny:stage1) or FILE[:ARG]")
   p.add_argument("--workdir", required=True)
   p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize()")
+  p.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (multi-process runs "
+                 "outside a pod or cluster, with --num-processes and --process-id)")
+  p.add_argument("--num-processes", type=int)
+  p.add_argument("--process-id", type=int)
+  p.add_argument("--heartbeat-timeout", type=int, default=100,
+                 help="seconds without a peer's heartbeat before a process fails (default 100)")
   p.add_argument("--max-steps-this-run", type=int, default=None,
                  help="stop after this many steps (resumable), e.g. for preemptible slots")
   args = p.parse_args(argv)
-  maybe_initialize_distributed(args.distributed)
+  maybe_initialize_distributed(args.distributed, args.coordinator, args.num_processes,
+                               args.process_id, args.heartbeat_timeout)
   config = load_config(args.config, overrides)
   from chatrex_jax.train.trainer import Trainer
   workdir = pathlib.Path(args.workdir)
