@@ -23,8 +23,8 @@ Tasks (names are the keys of `config.tasks.weights`):
 
 Follow-up turns (`config.turns` > 1): the conversation goes on with more grounding / region
 questions about the same input boxes, drawn like the first (same weights and kinds, over the regions
-among the boxes, preferring regions no earlier answer named), each a user turn without the image and
-object prefix, as a multi-turn chat continues. One image and object list then supervises several
+among the boxes; each drawn independently of the earlier ones), each a user turn without the image
+and object prefix, as a multi-turn chat continues. One image and object list then supervises several
 answers; the pipeline drops the follow-ups that do not fit `seq_len` whole (`fit_turns`).
 
 Input boxes (`build_input_boxes`): every ground-truth region box (capped so at most `max_objects`
@@ -389,9 +389,10 @@ PERCEPTION_TASKS = ("grounding", "region")
 def _add_follow_ups(sample: TaskSample, record, rng, config, max_objects: int,
                     count: int) -> TaskSample:
   """`sample` with `count` more grounding / region turns about its input boxes (the tasks of
-  `config.weights` among PERCEPTION_TASKS; none when both weigh 0). A follow-up asks about
-  regions no earlier answer named while there are any, so its answer is found among the boxes,
-  not copied from the conversation."""
+  `config.weights` among PERCEPTION_TASKS; none when both weigh 0), each drawn independently
+  of the earlier turns: steering follow-ups to regions not named yet lets a model answer by
+  elimination (measured: the tiny LLM's `<objK>` accuracy 0.42 at the eighth turn, 0.08 on a
+  first turn), which an independent draw offers only as a repeat of an earlier answer."""
   index_of = {rid: k for k, rid in enumerate(sample.box_region.tolist()) if rid >= 0}
   shown = dict(record, regions=[r for r in _regions(record) if int(r["id"]) in index_of])
   weights = dict(_cfg(config, "weights", None) or {n: 1.0 for n in TASK_NAMES})
@@ -403,9 +404,7 @@ def _add_follow_ups(sample: TaskSample, record, rng, config, max_objects: int,
   for _ in range(count):
     task = _weighted_choice(rng, weights, usable, "task")
     build = _grounding if task == "grounding" else _region
-    asked = frozenset(r for group in answer_regions for r in group)
-    more = build(shown, rng, config, max_objects, None, boxes=(sample.boxes, sample.box_region),
-                 asked=asked)
+    more = build(shown, rng, config, max_objects, None, boxes=(sample.boxes, sample.box_region))
     (question, answer), = more.turns
     assert question.startswith(prefix), "build_user_text changed its layout"
     turns.append((question[len(prefix):], answer))
@@ -438,13 +437,12 @@ def _finish(task, kind, record, rng, required, max_objects, proposals, make_turn
                     answer_regions=answer_regions)
 
 
-def _grounding(record, rng, config, max_objects, proposals, boxes=None,
-               asked: frozenset = frozenset()) -> TaskSample:
+def _grounding(record, rng, config, max_objects, proposals, boxes=None) -> TaskSample:
   kinds = dict(_cfg(config, "grounding_kinds", None) or {k: 1.0 for k in GROUNDING_KINDS})
   kind = _weighted_choice(rng, kinds, GROUNDING_KINDS, "grounding kind")
   field = {"category": "category", "phrase": "phrase", "referring": "referring"}[kind]
   groups = _group_by(record, field)
-  keys = sorted(k for k in groups if not asked & set(groups[k][1])) or sorted(groups)
+  keys = sorted(groups)
   max_q = 1 if kind == "referring" else int(_cfg(config, "grounding_max_queries", 3))
   n_q = int(rng.integers(1, min(max_q, len(keys)) + 1))
   chosen = [keys[i] for i in rng.choice(len(keys), size=n_q, replace=False)]
@@ -472,13 +470,11 @@ def _grounding(record, rng, config, max_objects, proposals, boxes=None,
                  boxes)
 
 
-def _region(record, rng, config, max_objects, proposals, boxes=None,
-            asked: frozenset = frozenset()) -> TaskSample:
+def _region(record, rng, config, max_objects, proposals, boxes=None) -> TaskSample:
   grans = dict(_cfg(config, "region_granularities", None) or {g: 1.0 for g in REGION_GRANULARITIES})
   gran = _weighted_choice(rng, grans, tuple(REGION_GRANULARITIES), "region granularity")
   prompt_gran, field = REGION_GRANULARITIES[gran]
-  rids_all = ([int(r["id"]) for r in _regions(record) if int(r["id"]) not in asked]
-              or [int(r["id"]) for r in _regions(record)])
+  rids_all = [int(r["id"]) for r in _regions(record)]
   max_r = min(int(_cfg(config, "region_max_regions", 1)), len(rids_all), max_objects)
   n_r = int(rng.integers(1, max_r + 1))
   rids = [rids_all[i] for i in rng.choice(len(rids_all), size=n_r, replace=False)]
