@@ -64,10 +64,21 @@ def command(name: str) -> Callable:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike) -> Iterator[pathlib.Path]:
+def atomic_path(final) -> Iterator[pathlib.Path]:
   """Yields `FINAL.partial` (same folder, same suffix last so writers that infer the format from
   the name keep working) and renames it to `final` when the block completes; on an error the
-  temporary is removed and `final` is left as it was."""
+  temporary is removed and `final` is left as it was. For an object-store `final` (gs://...)
+  the temporary is a local file uploaded as one object when the block completes (an object
+  store replaces whole objects atomically and has no rename)."""
+  from chatrex_jax import storage
+  if storage.is_remote(final):
+    import tempfile
+    remote = storage.path(final)
+    with tempfile.TemporaryDirectory() as d:
+      tmp = pathlib.Path(d) / f"{remote.stem}.partial{remote.suffix}"
+      yield tmp
+      remote.write_bytes(tmp.read_bytes())
+    return
   final = pathlib.Path(final)
   tmp = final.with_name(f"{final.stem}.partial{final.suffix}")
   try:

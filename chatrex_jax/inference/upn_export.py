@@ -20,13 +20,13 @@ import argparse
 import io
 import json
 import os
-import pathlib
 import shutil
 import sys
 from typing import Callable, Sequence
 
 import numpy as np
 
+from chatrex_jax import storage
 from chatrex_jax.data import records as records_lib
 from chatrex_jax.data import schema
 
@@ -38,7 +38,7 @@ def load_trained_params(workdir: str | os.PathLike, step: int | None = None) -> 
   import orbax.checkpoint as ocp
 
   from chatrex_jax.train.optimizer import merge
-  directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  directory = storage.path(workdir) / "checkpoints"   # local or gs://
   if not directory.exists():
     raise FileNotFoundError(f"{directory}: no checkpoints (not a training workdir)")
   mngr = ocp.CheckpointManager(directory, item_names=("state", "data"))

@@ -37,6 +37,7 @@ from typing import Iterable
 
 import numpy as np
 
+from chatrex_jax import storage
 from chatrex_jax.errors import UserError, command
 
 # Files a checkpoint folder carries that are rewritten, never copied verbatim.
@@ -306,7 +307,7 @@ def _training_config(args):
       return load_config(args.config, args.overrides)
     except (FileNotFoundError, KeyError) as e:
       raise UsageError(str(e).strip("'\"")) from None
-  saved = pathlib.Path(args.workdir) / "config.json"
+  saved = storage.path(args.workdir) / "config.json"
   if not saved.exists():
     raise UsageError(f"{saved} not found: give the run's training config with --config FILE[:ARG]")
   config = ml_collections.ConfigDict(json.loads(saved.read_text()))
@@ -319,7 +320,7 @@ def _training_config(args):
 
 def run_export(args) -> int:
   from chatrex_jax.inference.upn_export import load_trained_params
-  workdir = pathlib.Path(args.workdir)
+  workdir = storage.path(args.workdir)   # local or gs://
   if not workdir.is_dir():
     raise UsageError(f"--workdir {workdir} is not a folder (expected a `chatrex-jax train` workdir)")
   if not (workdir / "checkpoints").is_dir():

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import pathlib
 from typing import Any, Optional
 
+from etils import epath
 import jax
 import orbax.checkpoint as ocp
 
+from chatrex_jax import storage
 from chatrex_jax.errors import UserError
 
 
@@ -31,11 +32,11 @@ class ProcessStateHandler:
 
   def save(self, directory, args: "ProcessStateSave"):
     index, count = jax.process_index(), jax.process_count()
-    path = pathlib.Path(directory) / f"process_{index}-of-{count}.json"
+    path = epath.Path(directory) / f"process_{index}-of-{count}.json"
     path.write_text(json.dumps(args.state, indent=1))
 
   def restore(self, directory, args: "ProcessStateRestore | None" = None) -> dict:
-    directory = pathlib.Path(directory)
+    directory = epath.Path(directory)
     index, count = jax.process_index(), jax.process_count()
     path = directory / f"process_{index}-of-{count}.json"
     if path.exists():
@@ -78,7 +79,7 @@ class ProcessStateRestore(ocp.args.CheckpointArgs):
 
 class Checkpointer:
   def __init__(self, directory, *, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).absolute()
+    self.directory = storage.path(directory)   # local or gs://
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(self.directory, options=options,

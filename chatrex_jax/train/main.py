@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import sys
 
 from chatrex_jax.configs import ConfigError, load_config, split_overrides
@@ -75,7 +74,7 @@ def main(argv=None) -> int:
                                args.process_id, args.heartbeat_timeout)
   config = load_config(args.config, overrides)
   from chatrex_jax.train.trainer import Trainer
-  workdir = pathlib.Path(args.workdir)
+  workdir = args.workdir   # a local folder or gs://bucket/run
   trainer = Trainer(config, build_task(config), workdir)   # writes workdir/config.json
   result = trainer.train(max_steps_this_run=args.max_steps_this_run)
   last = result.history[-1] if result.history else {}

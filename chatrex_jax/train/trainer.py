@@ -18,7 +18,6 @@ config refused earlier leaves no file behind.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -29,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax import storage
 from chatrex_jax.configs import ConfigError
 from chatrex_jax.errors import atomic_path
 from chatrex_jax.train import checkpoint as ckpt_lib
@@ -139,7 +139,7 @@ class Trainer:
   def __init__(self, config, task: TrainTask, workdir=None, devices=None):
     self.config = config
     self.task = task
-    self.workdir = None if workdir is None else pathlib.Path(workdir)
+    self.workdir = None if workdir is None else storage.path(workdir)   # local or gs://
     if self.workdir is not None:
       self.workdir.mkdir(parents=True, exist_ok=True)
     mesh_cfg = config.mesh
