@@ -3,13 +3,23 @@
   python benchmarks/llm.py            # ~125M-parameter Qwen2-style config (slow on 2 cores)
   python benchmarks/llm.py --quick    # tiny config, smoke test
 
-Measures (each side in its own fresh subprocess, so peak memory is that side's alone, read as
-the kernel's peak RSS `VmHWM` after resetting it):
-  train: forward + backward (mean token cross-entropy) at batch B x T;
+Measures (each side in its own fresh subprocess, so peak memory is that side's alone: the
+kernel's peak RSS `VmHWM`, reset once the weights are loaded, minus the RSS before loading them,
+i.e. weights plus what the step itself needs):
+  train: forward + backward of the mean next-token cross-entropy over every token, B x T;
+  train_answers: the same with labels only on the last quarter of each row, as in ChatRex
+    training (answers are labelled, prompts and image / object tokens are not): ours runs the
+    LM head at the labelled positions only (`label_positions` + `CausalLM.token_loss`, the
+    trainer's `train.max_label_tokens` path), PyTorch computes every logit and ignores the
+    unlabelled ones (`ignore_index`, what HF and the official training do);
   gen1 / gen8: greedy generation of N new tokens at batch 1 and 8 vs HF `generate`
     (no EOS stop, KV cache on both sides), reported in tokens/s.
-Prints one JSON line per measurement; the last line is the train-step summary
-(docs/architecture.md "Benchmarks output format").
+Train rows also give the step's model FLOPs (6 x parameters x tokens for the decoder, the LM
+head at the tokens it runs on, causal attention counted whole as in PaLM's MFU) and each side's
+FLOP rate against this CPU's measured fp32 matmul peak (the best of jnp.dot and torch.mm on
+2048^3, `matmul_peak_gflops`), i.e. MFU. Prints one JSON line per measurement; the last line is
+the train-step summary (docs/architecture.md "Benchmarks output format").
+  python benchmarks/llm.py --tasks train,train_answers   # a subset
 """
 from __future__ import annotations
 
@@ -34,12 +44,14 @@ def child(args):
   rng = np.random.default_rng(0)
   hf = json.load(open(os.path.join(args.ckpt, "config.json")))
   v = hf["vocab_size"]
-  if args.task == "train":
-    ids = rng.integers(1, v, (args.batch, args.seq))
+  if args.task.startswith("train"):
+    ids = rng.integers(1, v, (args.batch, args.seq + 1))
+    labels = ids.copy()
+    if args.task == "train_answers":
+      labels[:, :args.seq + 1 - answer_tokens(args.seq)] = -100
   else:
     ids = rng.integers(1, v, (args.batch, args.prompt))
-  base = status_mb("VmRSS")
-  reset_peak()
+  base = status_mb("VmRSS")  # before the weights: peak_mb counts them, the step's live memory
   result = {}
   if args.side == "ours":
     import jax
@@ -51,18 +63,27 @@ def child(args):
     config, params = llm_convert.load(args.ckpt)
     params = jax.device_put(params)
     model = CausalLM(config)
-    if args.task == "train":
-      x = jnp.asarray(ids)
+    reset_peak()  # the high-water mark from here: loading's transient copies are not the step's
+    if args.task.startswith("train"):
+      from chatrex_jax.models.chatrex import label_positions
+      x, y = jnp.asarray(ids), jnp.asarray(labels)
+      limit = answer_tokens(args.seq) if args.task == "train_answers" else 0
 
       @jax.jit
-      def step(p, x):
-        def loss_fn(p):
-          logits = model.apply({"params": p}, x[:, :-1])["logits"]
-          logp = jax.nn.log_softmax(logits, axis=-1)
-          return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], axis=-1))
+      def step(p, x, y):
+        def loss_fn(p):  # the trainer's loss path: hidden states -> fused head + cross-entropy
+          hidden = model.apply({"params": p}, x[:, :-1], compute_logits=False)["hidden"]
+          if limit:  # the LM head at the labelled positions only
+            positions, targets, valid, _ = label_positions(y, limit)
+            hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+          else:
+            targets = y[:, 1:]
+            valid = targets != -100
+          total, _ = model.apply({"params": p}, hidden, targets, valid, method=CausalLM.token_loss)
+          return total / valid.sum()
         return jax.value_and_grad(loss_fn)(p)
-      fn = lambda: jax.block_until_ready(step(params, x))
-      result["value"] = float(step(params, x)[0])
+      fn = lambda: jax.block_until_ready(step(params, x, y))
+      result["value"] = float(step(params, x, y)[0])
     else:
       sampling = SamplingConfig(max_new_tokens=args.new_tokens)
       fn = lambda: generate(model, params, input_ids=ids, sampling=sampling)
@@ -72,14 +93,17 @@ def child(args):
     import transformers
     torch.set_num_threads(os.cpu_count())
     model = transformers.AutoModelForCausalLM.from_pretrained(args.ckpt, attn_implementation="sdpa")
+    reset_peak()
     x = torch.tensor(ids)
-    if args.task == "train":
+    if args.task.startswith("train"):
       model.train()
+      y = torch.tensor(labels)
 
       def fn():
         model.zero_grad(set_to_none=True)
         logits = model(x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 y[:, 1:].reshape(-1), ignore_index=-100)
         loss.backward()
         return loss
       result["value"] = float(fn())
@@ -95,7 +119,48 @@ def child(args):
       result["tokens"] = fn()[:, args.prompt:].tolist()
   result["seconds"] = median_time(fn, args.repeats, warmup=True)
   result["peak_mb"] = status_mb("VmHWM") - base
+  result["matmul_peak_gflops"] = matmul_peak_gflops(args.side)
   print(json.dumps(result))
+
+
+def answer_tokens(seq: int) -> int:
+  """Labelled tokens per row in `train_answers`: the last quarter."""
+  return seq // 4
+
+
+def matmul_peak_gflops(side: str, n: int = 2048, repeats: int = 5) -> float:
+  """This side's best fp32 GFLOP/s on one n^3 matmul (jnp.dot or torch.mm)."""
+  import time
+
+  import numpy as np
+  a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+  if side == "ours":
+    import jax
+    import jax.numpy as jnp
+    x = jnp.asarray(a)
+    mm = jax.jit(jnp.dot)
+    fn = lambda: mm(x, x).block_until_ready()
+  else:
+    import torch
+    x = torch.from_numpy(a)
+    fn = lambda: torch.mm(x, x)
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n**3 / best / 1e9
+
+
+def train_flops(hf: dict, batch: int, seq: int, head_tokens: int) -> float:
+  """Model FLOPs of one training step (forward + backward = 3 x forward)."""
+  d, f, layers = hf["hidden_size"], hf["intermediate_size"], hf["num_hidden_layers"]
+  kv = hf["num_key_value_heads"] * (d // hf["num_attention_heads"])
+  per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
+  tokens = batch * seq
+  return (6.0 * layers * per_layer * tokens + 6.0 * d * hf["vocab_size"] * head_tokens
+          + 12.0 * layers * d * seq * tokens)
 
 
 def run_child(side, task, ckpt, args, **kw):
@@ -121,6 +186,8 @@ def main():
   p.add_argument("--prompt", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--tasks", default="gen1,gen8,train,train_answers",
+                 help="comma-separated subset of gen1, gen8, train, train_answers")
   args = p.parse_args()
   if args.child:
     return child(args)
@@ -138,26 +205,38 @@ def main():
     model.save_pretrained(tmp, safe_serialization=True)
     del model
     name = "llm_quick" if args.quick else "llm_125m"
-    lines = []
-    for task, batch in (("gen", 1), ("gen", 8), ("train", args.batch)):
+    plan = {"gen1": ("gen", 1), "gen8": ("gen", 8), "train": ("train", args.batch),
+            "train_answers": ("train_answers", args.batch)}
+    for label in args.tasks.split(","):
+      if label not in plan:
+        raise SystemExit(f"--tasks: {label!r} is not one of {sorted(plan)}")
+      task, batch = plan[label]
       ours = run_child("ours", task, tmp, args, batch=batch)
       ref = run_child("ref", task, tmp, args, batch=batch)
-      line = {"name": f"{name}_{task}{batch if task == 'gen' else ''}",
+      training = task.startswith("train")
+      line = {"name": f"{name}_{label}",
               "config": dict(params_m=round(n_params / 1e6, 1), batch=batch,
-                             **({"seq": args.seq} if task == "train" else
+                             **({"seq": args.seq} if training else
                                 {"prompt": args.prompt, "new_tokens": args.new_tokens})),
               "ours_s": ours["seconds"], "ref_s": ref["seconds"],
               "speedup": ref["seconds"] / ours["seconds"],
               "ours_peak_mb": round(ours["peak_mb"], 1), "ref_peak_mb": round(ref["peak_mb"], 1)}
-      if task == "train":
+      if training:
         line["max_abs_err"] = abs(ours["value"] - ref["value"])  # loss difference
+        head_tokens = batch * (answer_tokens(args.seq) if task == "train_answers" else args.seq)
+        flops = train_flops(hf_cfg, batch, args.seq, head_tokens)
+        peak = max(ours["matmul_peak_gflops"], ref["matmul_peak_gflops"])
+        line.update(step_tflop=round(flops / 1e12, 3), matmul_peak_gflops=round(peak, 1),
+                    ours_matmul_peak_gflops=round(ours["matmul_peak_gflops"], 1),
+                    ref_matmul_peak_gflops=round(ref["matmul_peak_gflops"], 1),
+                    ours_mfu=round(flops / ours["seconds"] / 1e9 / peak, 3),
+                    ref_mfu=round(flops / ref["seconds"] / 1e9 / peak, 3))
       else:
         tokens_match = np.mean(np.asarray(ours["tokens"]) == np.asarray(ref["tokens"]))
         line["ours_tokens_per_s"] = batch * args.new_tokens / ours["seconds"]
         line["ref_tokens_per_s"] = batch * args.new_tokens / ref["seconds"]
         line["token_agreement"] = float(tokens_match)
         line["max_abs_err"] = float(1.0 - tokens_match)
-      lines.append(line)
       print(json.dumps(line), flush=True)
 
 

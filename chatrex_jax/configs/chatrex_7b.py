@@ -48,6 +48,9 @@ def get_config(arg: str = "stage2") -> ml_collections.ConfigDict:
   c.model.compute_dtype = "bfloat16"   # fp32 master weights, bf16 matmuls
   c.model.scan_layers = True
   c.model.remat_policy = "dots_no_batch"
+  # The fused LM head + loss in 4 chunks of every row's positions: a quarter of the logits per
+  # device at a time, 4 head-gradient reductions per step (LLMConfig.loss_chunks).
+  c.model.loss_chunks = 4
   c.model.train_vision_tower = stage != "stage1"
   c.model.train_vision_tower_aux = False  # the released ConvNeXt runs under no_grad
   c.model.init_from = ""                  # official-layout checkpoint folder ("" = random init)

@@ -19,6 +19,7 @@ def get_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.model.compute_dtype = "float32"
   c.model.scan_layers = False
   c.model.remat_policy = "none"
+  c.model.loss_chunks = 0  # chunks sized for one device (LLMConfig.loss_chunks)
   c.data.batch_size = 8
   c.data.seq_len = 160
   c.data.max_objects = 16

@@ -263,18 +263,26 @@ class TinyLLMTask(TrainTask):
   def trainable_patterns(self):
     return ("*",)
 
-  def logits(self, params, batch, rng):
+  def forward(self, params, batch, rng, compute_logits=True):
     d = self.config.data
     x = slot_inputs(self.model, params, batch, rng, d.slot_noise, d.image_noise, d.num_image_tokens)
     return self.model.apply({"params": params}, inputs_embeds=x, positions=batch["position_ids"],
-                            key_valid=batch["attention_mask"].astype(bool))["logits"]
+                            key_valid=batch["attention_mask"].astype(bool),
+                            compute_logits=compute_logits)
+
+  def logits(self, params, batch, rng):
+    return self.forward(params, batch, rng)["logits"]
 
   def loss(self, params, batch, rng):
-    from chatrex_jax.train.mllm_task import next_token_loss
-    logits = self.logits(params, batch, rng)[:, :-1]
+    from chatrex_jax.models.llm import CausalLM
+    from chatrex_jax.train.mllm_task import next_token_metrics
+    hidden = self.forward(params, batch, rng, compute_logits=False)["hidden"][:, :-1]
     targets = batch["labels"][:, 1:]
     valid = targets != C.IGNORE_INDEX
-    return next_token_loss(logits, jnp.where(valid, targets, 0), valid, self.object_ids)
+    targets = jnp.where(valid, targets, 0)
+    total, hits = self.model.apply({"params": params}, hidden, targets, valid,
+                                   method=CausalLM.token_loss)
+    return next_token_metrics(total, hits, targets, valid, self.object_ids)
 
   def make_data(self, process_index: int, process_count: int):
     d = self.config.data

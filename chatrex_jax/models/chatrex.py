@@ -162,20 +162,28 @@ class ChatRex(nn.Module):
       result.update(inter)
     return result
 
-  def label_logits(self, batch: Mapping[str, jax.Array], max_label_tokens: int):
-    """Logits only where a next-token label is: the training loss never builds [B, T, V].
+  def token_loss(self, batch: Mapping[str, jax.Array], max_label_tokens: int = 0):
+    """The training loss's terms, the [B, T, V] logits never built (`CausalLM.token_loss`).
 
-    batch as `__call__` plus labels [B, T]. Returns (logits [B, L, V] fp32, targets [B, L],
-    valid [B, L] bool, dropped [] int): the first L = `max_label_tokens` labelled positions of
-    each row in order (hidden state t predicts label t + 1), and how many labelled tokens did
-    not fit in L (0 when L covers every answer; the caller reports it).
+    batch as `__call__` plus labels [B, T]. With `max_label_tokens` = L > 0 only the first L
+    labelled positions of each row are scored (hidden state t predicts label t + 1), so the
+    LM head runs on answer tokens only; 0 scores every position. Returns (summed NLL [] fp32,
+    hits [B, L'] bool, targets [B, L'], valid [B, L'] bool, dropped [] int: labelled tokens
+    that did not fit in L; 0 when L covers every answer, which the caller reports).
     """
     embeds, _ = self.embed_inputs(batch)
     hidden = self.llm(inputs_embeds=embeds, positions=batch["position_ids"],
                       key_valid=batch["attention_mask"].astype(bool), compute_logits=False)["hidden"]
-    positions, targets, valid, dropped = label_positions(batch["labels"], max_label_tokens)
-    picked = jnp.take_along_axis(hidden, positions[..., None], axis=1)
-    return self.llm.logits_from_hidden(picked).astype(jnp.float32), targets, valid, dropped
+    if max_label_tokens:
+      positions, targets, valid, dropped = label_positions(batch["labels"], max_label_tokens)
+      hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
+    else:
+      targets = batch["labels"][:, 1:]
+      valid = targets != C.IGNORE_INDEX
+      targets = jnp.where(valid, targets, 0)
+      hidden, dropped = hidden[:, :-1], jnp.int32(0)
+    total, hits = self.llm.token_loss(hidden, targets, valid)
+    return total, hits, targets, valid, dropped
 
 
 def label_positions(labels: jax.Array, max_label_tokens: int):

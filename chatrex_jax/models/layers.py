@@ -12,6 +12,7 @@ fan-in/fan-out correct for the initialiser.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -55,10 +56,15 @@ class Projection(nn.Module):
                                               in_axis=in_axes, out_axis=out_axes)
     kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.in_names) + tuple(self.out_names)),
                         shape, self.param_dtype)
-    x_axes = tuple(range(x.ndim - n_in, x.ndim))
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((x_axes, in_axes), ((), ())), precision=self.precision,
-                            preferred_element_type=self.out_dtype)
+    # One 2-d matmul [N, prod(in)] x [prod(in), prod(features)]: the same sums, but XLA:CPU
+    # lowers the backward of a multi-axis contraction as a transpose copy plus a slow generic
+    # dot (a 125M LLM's MLP: 384 ms forward + backward against 261 ms flattened). The merged
+    # leading axes keep the batch axis major, so a batch-sharded x stays batch-sharded.
+    lead = x.shape[:x.ndim - n_in]
+    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape)),
+                kernel.astype(self.dtype).reshape(math.prod(in_shape), math.prod(features)),
+                precision=self.precision, preferred_element_type=self.out_dtype)
+    y = y.reshape(lead + features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_names)),
                         features, self.param_dtype)

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.models.layers import Projection
+from chatrex_jax.ops.attention import causal_attention
+from chatrex_jax.ops.cross_entropy import fused_cross_entropy
 
 Array = jax.Array
 Cache = dict  # {"k": [L?, B, S, K, H], "v": [L?, B, S, K, H]}
@@ -62,6 +64,10 @@ class LLMConfig:
   residual_dtype: Any = jnp.float32
   scan_layers: bool = False
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
+  # Chunks of every row's positions in the fused LM head + cross-entropy (`token_loss`): 0 =
+  # about 2^23 logits per chunk (a one-device budget). Under data parallelism every chunk's
+  # head gradient is reduced across devices, so sharded runs want a few (1: all logits at once).
+  loss_chunks: int = 0
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -298,6 +304,10 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
 
     b, t = x.shape[:2]
+    if cache is None:  # training / scoring: causal blocks, no [T, T] scores kept for backward
+      q = q.reshape(b, t, k, g, h)
+      out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
+      return self._out_proj(out.reshape(b, t, n, h)), None
     query_slots = jnp.arange(t)[None, :]
     new_cache = None
     if cache is not None:
@@ -316,9 +326,21 @@ class Attention(nn.Module):
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(cfg.dtype)).reshape(b, t, n, h)
-    out = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False, std=std,
-                     dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=acc, name="o_proj")(out)
-    return out, new_cache
+    return self._out_proj(out), new_cache
+
+  def _out_proj(self, out):
+    cfg = self.config
+    return Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False,
+                      std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                      out_dtype=accumulation_dtype(cfg.dtype), name="o_proj")(out)
+
+
+@jax.checkpoint
+def swiglu(gate: Array, up: Array) -> Array:
+  """silu(gate) * up, keeping only gate and up for the backward pass: autodiff of the plain
+  expression also keeps sigmoid(gate), silu(gate) and a product, three more [B, T, F] arrays
+  per layer (576 MB of the 125M benchmark's 2 GB of activations) for an elementwise recompute."""
+  return nn.silu(gate) * up
 
 
 class MLP(nn.Module):
@@ -334,8 +356,8 @@ class MLP(nn.Module):
       return Projection((features,), names[:1], names[1:], use_bias=False,
                         std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                         out_dtype=acc, name=name)
-    hidden = nn.silu(dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
-    hidden = hidden * dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    hidden = swiglu(gate, dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
@@ -424,6 +446,7 @@ class CausalLM(nn.Module):
     embed(ids [B, T] int) -> [B, T, D]
     __call__(ids or inputs_embeds, positions, key_valid, ...) -> dict(logits, cache, ...)
     logits_from_hidden(h [B, T, D]) -> [B, T, V]
+    token_loss(h [B, L, D], targets [B, L], valid [B, L]) -> (summed NLL, hits [B, L])
   """
   config: LLMConfig
 
@@ -451,6 +474,26 @@ class CausalLM(nn.Module):
     else:
       logits = self.lm_head(h)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
+
+  def lm_head_weight(self) -> Array:
+    """The LM head as a [D, V] matrix in the compute dtype (the embedding's transpose if tied)."""
+    cfg = self.config
+    if cfg.tie_word_embeddings:
+      return self.embed_tokens.embedding.astype(cfg.dtype).T
+    return nn.unbox(self.lm_head.variables["params"]["kernel"]).astype(cfg.dtype)
+
+  def token_loss(self, h: Array, targets: Array, valid: Array) -> tuple[Array, Array]:
+    """Next-token cross-entropy from final hidden states, the logits never materialised.
+
+    h [B, L, D] (after the final norm), targets [B, L] int (any value where not valid),
+    valid [B, L] bool -> (summed NLL over valid tokens (fp32), hits [B, L] bool: valid and
+    argmax-correct). Numerically `log_softmax(logits_from_hidden(h))` picked at the targets;
+    see `ops.cross_entropy`.
+    """
+    cfg = self.config
+    return fused_cross_entropy(h.astype(cfg.dtype), self.lm_head_weight(), targets, valid,
+                               num_chunks=cfg.loss_chunks or None,
+                               acc_dtype=accumulation_dtype(cfg.dtype))
 
   def __call__(self, ids: Optional[Array] = None, *, inputs_embeds: Optional[Array] = None,
                positions: Optional[Array] = None, key_valid: Optional[Array] = None,

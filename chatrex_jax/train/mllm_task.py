@@ -29,6 +29,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   """
   dtype = DTYPES[model_cfg.get("compute_dtype", "float32")]
   remat = model_cfg.get("remat_policy", "none")
+  loss_chunks = int(model_cfg.get("loss_chunks", 0) or 0)  # see LLMConfig.loss_chunks
   switches = dict(train_vision_tower=model_cfg.get("train_vision_tower", True),
                   train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
   if not model_cfg.get("llm"):
@@ -39,7 +40,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
     config = chatrex_convert.read_config(model_cfg.init_from)
     return dataclasses.replace(
         config, llm=dataclasses.replace(config.llm, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                                        remat_policy=remat),
+                                        remat_policy=remat, loss_chunks=loss_chunks),
         clip=dataclasses.replace(config.clip, dtype=dtype, remat=remat != "none"),
         convnext=dataclasses.replace(config.convnext, dtype=dtype), **switches)
   llm_hf = dict(model_cfg.llm)
@@ -51,27 +52,24 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   sizes = dict(llm=llm_hf, clip=dict(model_cfg.clip), convnext=dict(model_cfg.convnext),
                aux_image_size=model_cfg.aux_image_size, **switches)
   return ChatRexConfig.from_dict(sizes, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                                 remat_policy=remat)
+                                 remat_policy=remat, llm_hints={"loss_chunks": loss_chunks})
 
 
-def next_token_loss(logits, targets, valid, object_ids=None, dropped=None):
-  """(summed NLL, label count, metrics) of next-token targets.
+def next_token_metrics(total, hits, targets, valid, object_ids=None, dropped=None):
+  """(summed NLL, label count, metrics) from `CausalLM.token_loss`'s terms.
 
-  logits [B, L, V], targets [B, L] int (any value where not valid), valid [B, L] bool;
-  object_ids: the [first, last) ids of `<obj0>`..`<obj99>`, for `object_token_accuracy`, the
-  accuracy of the grounding decision itself (which `<objK>` to emit).
+  total [] summed NLL; hits [B, L] bool (valid and argmax-correct); targets [B, L] int;
+  valid [B, L] bool; object_ids: the [first, last) ids of `<obj0>`..`<obj99>`, for
+  `object_token_accuracy`, the accuracy of the grounding decision itself (which `<objK>` to
+  emit); dropped: labelled tokens left out (`train.max_label_tokens`).
   """
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  total = jnp.sum(jnp.where(valid, nll, 0.0))
   count = valid.sum().astype(jnp.float32)
-  hit = valid & (jnp.argmax(logits, -1) == targets)
-  metrics = {"token_accuracy": jnp.sum(hit) / jnp.maximum(count, 1.0)}
+  metrics = {"token_accuracy": jnp.sum(hits) / jnp.maximum(count, 1.0)}
   if dropped is not None:
     metrics["label_tokens_dropped"] = dropped.astype(jnp.float32)
   if object_ids is not None:
     is_obj = valid & (targets >= object_ids[0]) & (targets < object_ids[1])
-    metrics["object_token_accuracy"] = jnp.sum(hit & is_obj) / jnp.maximum(jnp.sum(is_obj), 1)
+    metrics["object_token_accuracy"] = jnp.sum(hits & is_obj) / jnp.maximum(jnp.sum(is_obj), 1)
   return total, count, metrics
 
 
@@ -154,22 +152,15 @@ class ChatRexTask(TrainTask):
   def loss(self, params, batch, rng):
     """Summed next-token NLL over the answer tokens, their count, and token accuracy.
 
-    With `train.max_label_tokens` = L > 0 the logits are computed only at the (first L)
-    labelled positions of each row (`ChatRex.label_logits`): ChatRex labels answers only, so
-    this skips most of the LM head and never builds [B, T, V]; labels beyond L are counted in
-    the `label_tokens_dropped` metric (keep it at 0 by sizing L to the longest answer).
+    The logits are never materialised (`ChatRex.token_loss`). With `train.max_label_tokens`
+    = L > 0 only the (first L) labelled positions of each row go through the LM head: ChatRex
+    labels answers only, so this skips most of it; labels beyond L are counted in the
+    `label_tokens_dropped` metric (keep it at 0 by sizing L to the longest answer).
     """
     limit = int(self.config.train.get("max_label_tokens", 0) or 0)
-    if limit:
-      logits, targets, valid, dropped = self.model.apply({"params": params}, batch, limit,
-                                                         method=ChatRex.label_logits)
-    else:
-      logits = self.model.apply({"params": params}, batch)["logits"][:, :-1]
-      targets = batch["labels"][:, 1:]
-      valid = targets != C.IGNORE_INDEX
-      targets = jnp.where(valid, targets, 0)
-      dropped = jnp.int32(0)
-    return next_token_loss(logits, targets, valid, self.object_ids, dropped)
+    total, hits, targets, valid, dropped = self.model.apply({"params": params}, batch, limit,
+                                                            method=ChatRex.token_loss)
+    return next_token_metrics(total, hits, targets, valid, self.object_ids, dropped)
 
   def abstract_batch(self):
     """MODEL_BATCH_KEYS of a global batch: data.batch_size rows of data.seq_len tokens,
