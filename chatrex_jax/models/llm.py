@@ -304,23 +304,18 @@ class Attention(nn.Module):
     q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads", None))
 
     b, t = x.shape[:2]
+    q = q.reshape(b, t, k, g, h)
     if cache is None:  # training / scoring: causal blocks, no [T, T] scores kept for backward
-      q = q.reshape(b, t, k, g, h)
       out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
       return self._out_proj(out.reshape(b, t, n, h)), None
-    query_slots = jnp.arange(t)[None, :]
-    new_cache = None
-    if cache is not None:
-      key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, 1)
-      value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, 1)
-      new_cache = {"k": key, "v": value}
-      query_slots = query_slots + cache_index
+    # Decoding: the T new keys join the cache at slot `cache_index`; dense scores over all S
+    # slots (T is 1 per generated token). Packing (segment_ids) never comes with a cache.
+    key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, 1)
+    value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, 1)
+    new_cache = {"k": key, "v": value}
+    query_slots = jnp.arange(t)[None, :] + cache_index
     s = key.shape[1]
     allowed = (jnp.arange(s)[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :].astype(bool)
-    if segment_ids is not None:
-      allowed &= segment_ids[:, :, None] == segment_ids[:, None, :]
-
-    q = q.reshape(b, t, k, g, h)
     scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(q.dtype), preferred_element_type=acc)
     scores = scores / acc.type(math.sqrt(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)

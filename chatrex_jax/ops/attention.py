@@ -36,9 +36,10 @@ def default_block(length: int) -> int:
   return max(64, -(-length // 16))
 
 
-def _allowed(key_valid, segment_ids, start: int, stop: int, keys: int, groups: int):
-  """[B, 1, R, S] bool for query positions [start, stop) against keys [0, keys):
-  causal, the key is valid, and (packing) the same segment. Rows are (position, group)."""
+def _allowed(key_valid, segment_ids, start: int, stop: int, groups: int):
+  """[B, 1, R, S] bool for query positions [start, stop) against keys [0, stop): causal, the
+  key is valid, and (packing) the same segment. Rows are (position, group)."""
+  keys = stop
   t = jnp.repeat(jnp.arange(start, stop), groups)                       # [R]
   ok = (jnp.arange(keys)[None, :] <= t[:, None])[None]                  # [1, R, S]
   ok = ok & key_valid[:, None, :keys]
@@ -77,7 +78,7 @@ def _forward(q, k, v, key_valid, segment_ids, block, acc):
   qr, kt, vt = _to_rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   outs, lses = [], []
   for start, stop in _blocks(t, block):
-    allowed = _allowed(key_valid, segment_ids, start, stop, stop, g)
+    allowed = _allowed(key_valid, segment_ids, start, stop, g)
     s = _block_scores(qr[:, :, start * g:stop * g], kt[:, :, :stop], allowed, scale, acc)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
@@ -113,7 +114,7 @@ def _attention_bwd(block, acc_name, residuals, d_out):
   for start, stop in _blocks(t, block):
     rows = slice(start * g, stop * g)
     q_blk, do_blk = qr[:, :, rows], dor[:, :, rows]
-    allowed = _allowed(key_valid, segment_ids, start, stop, stop, g)
+    allowed = _allowed(key_valid, segment_ids, start, stop, g)
     s = _block_scores(q_blk, kt[:, :, :stop], allowed, scale, acc)
     p = jnp.exp(s - lse[:, :, rows, None])
     p_c = p.astype(q.dtype)

@@ -26,8 +26,7 @@ Array = jax.Array
 
 def default_chunk(vocab_size: int) -> int:
   """Tokens per chunk: about 2^23 logits (32 MB in fp32) per chunk, 16 to 1024 tokens."""
-  chunk = 1 << max(4, min(10, (2**23 // max(vocab_size, 1)).bit_length() - 1))
-  return chunk
+  return 1 << max(4, min(10, (2**23 // max(vocab_size, 1)).bit_length() - 1))
 
 
 def _chunk_terms(h, w, targets, valid, acc):
