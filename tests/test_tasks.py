@@ -93,6 +93,32 @@ def test_deterministic_and_variants():
   assert q.endswith(" in this image. Answer the question with object indexes.")
 
 
+def test_query_and_region_counts_have_a_floor():
+  """grounding_min_queries / region_min_regions raise the draw's lower bound (capped by what
+  the record holds); without them the draw starts at 1, as it always did."""
+  rec = scene_record(3)
+  phrases = len({r["phrase"] for r in rec["regions"]})
+  assert phrases >= 4
+  def counts(config, task, seeds=range(40)):
+    out = []
+    for seed in seeds:
+      s = tasks.sample_task(rec, np.random.default_rng(seed), config, max_objects=30, task=task)
+      out.append(s.turns[0][1].count("<ground>"))
+    return out
+  dense = {"grounding_kinds": {"phrase": 1.0}, "grounding_min_queries": 4,
+           "grounding_max_queries": 8, "region_min_regions": 3, "region_max_regions": 5,
+           "region_granularities": {"category": 1.0}}
+  grounding = counts(dense, "grounding")
+  assert min(grounding) == 4 and max(grounding) == min(8, phrases)
+  region = counts(dense, "region")
+  assert min(region) == 3 and max(region) == min(5, len(rec["regions"]))
+  sparse = counts({"grounding_kinds": {"phrase": 1.0}, "grounding_max_queries": 8}, "grounding")
+  assert min(sparse) == 1
+  # a floor above what the record holds is capped, not an error
+  capped = counts(dict(dense, grounding_min_queries=50, grounding_max_queries=50), "grounding")
+  assert set(capped) == {phrases}
+
+
 def test_negatives_and_proposals():
   rec = scene_record(2)
   gt = np.asarray([r["box"] for r in rec["regions"]])

@@ -56,6 +56,22 @@ def test_batches_resume_exactly(config, shipped):
   assert not np.array_equal(first[1]["token_ids"], first[2]["token_ids"])   # batches do differ
 
 
+def test_drill_batches_come_first(config, shipped):
+  """The first data.drill.steps batches (0 in the shipped config) supervise at least 4 `<objK>`
+  choices per row (crowded scenes, several queries or regions per question); the mix after
+  them averages far fewer."""
+  first = shipped.convert_tokens_to_ids(C.OBJECT_TOKENS[0])
+  def choices(batch):
+    labels = batch["labels"]
+    return ((labels >= first) & (labels < first + C.MAX_NUM_OBJECTS)).sum(1)
+  drilled = config.copy_and_resolve_references()
+  drilled.data.drill.steps = 1
+  it = tiny_llm.BatchIterator(tiny_llm.Examples(drilled.data, shipped), seed=0, batch_size=16)
+  assert choices(next(it)).min() >= 4
+  mixed = np.concatenate([choices(next(it)) for _ in range(2)])
+  assert mixed.min() <= 1 and mixed.mean() < 3
+
+
 def test_pretraining_script_writes_a_loadable_model(tmp_path):
   out = tmp_path / "out"
   rc = tiny_llm.main(["--workdir", str(tmp_path / "run"), "--out", str(out), "--no-progress",

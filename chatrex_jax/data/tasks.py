@@ -351,7 +351,9 @@ def sample_task(record: Mapping[str, Any], rng: np.random.Generator, config=None
   """Draws one task (weights `config.weights`) for the record and builds its turns and boxes.
 
   config: the `tasks` section of the data config (weights, grounding_kinds, region_granularities,
-    grounding_max_queries, region_max_regions, prompt_variants, brief_caption_max_sentences,
+    grounding_max_queries, region_max_regions (each drawn uniformly from 1, or from
+    grounding_min_queries / region_min_regions where given, up to the maximum and what the
+    record holds), prompt_variants, brief_caption_max_sentences,
     turns: 1 + the follow-up grounding / region turns about the same boxes; default 1).
   proposals: the `proposals` section (see `build_input_boxes`).
   task: force a task (tests); otherwise drawn among `applicable_tasks(record)`.
@@ -444,7 +446,8 @@ def _grounding(record, rng, config, max_objects, proposals, boxes=None) -> TaskS
   groups = _group_by(record, field)
   keys = sorted(groups)
   max_q = 1 if kind == "referring" else int(_cfg(config, "grounding_max_queries", 3))
-  n_q = int(rng.integers(1, min(max_q, len(keys)) + 1))
+  max_q = min(max_q, len(keys))
+  n_q = int(rng.integers(min(int(_cfg(config, "grounding_min_queries", 1)), max_q), max_q + 1))
   chosen = [keys[i] for i in rng.choice(len(keys), size=n_q, replace=False)]
   # keep the chosen queries (their regions) within max_objects
   required: list[int] = []
@@ -476,7 +479,7 @@ def _region(record, rng, config, max_objects, proposals, boxes=None) -> TaskSamp
   prompt_gran, field = REGION_GRANULARITIES[gran]
   rids_all = [int(r["id"]) for r in _regions(record)]
   max_r = min(int(_cfg(config, "region_max_regions", 1)), len(rids_all), max_objects)
-  n_r = int(rng.integers(1, max_r + 1))
+  n_r = int(rng.integers(min(int(_cfg(config, "region_min_regions", 1)), max_r), max_r + 1))
   rids = [rids_all[i] for i in rng.choice(len(rids_all), size=n_r, replace=False)]
   texts = [_region_text(record, r, field) for r in rids]
   variant = _variant(rng, len(prompts.templates("region_caption", prompt_gran)), config)

@@ -162,12 +162,13 @@ class Examples:
       raise ValueError(f"phrase {text!r} has {len(ids)} tokens > {self.PHRASE_TOKENS}")
     return ids
 
-  def sample(self, rng: np.random.Generator, task: str | None = None, task_cfg=None):
+  def sample(self, rng: np.random.Generator, task: str | None = None, task_cfg=None,
+             min_objects: int | None = None):
     """(input ids, labels, slot phrases) of one conversation that fits data.seq_len (longer
     ones, a few long captions, are drawn again rather than cut)."""
     d = self.cfg
     for _ in range(100):
-      scene = text_scene(rng, d.min_objects, d.max_objects_per_scene)
+      scene = text_scene(rng, min_objects or d.min_objects, d.max_objects_per_scene)
       sample = tasks.sample_task(scene, rng, task_cfg or d.tasks, max_objects=d.max_objects,
                                  proposals=d.proposals, task=task)
       ids, labels, _ = pipeline.fit_turns(sample.turns, self.tokenizer, self.template,
@@ -180,9 +181,10 @@ class Examples:
              for r in sample.box_region.tolist()]
     return ids, labels, slots
 
-  def batch(self, rng: np.random.Generator, size: int, task: str | None = None, task_cfg=None) -> dict:
+  def batch(self, rng: np.random.Generator, size: int, task: str | None = None, task_cfg=None,
+            min_objects: int | None = None) -> dict:
     d = self.cfg
-    rows = [self.sample(rng, task, task_cfg) for _ in range(size)]
+    rows = [self.sample(rng, task, task_cfg, min_objects) for _ in range(size)]
     plan = merge.merge_plan([r[0] for r in rows], labels=[r[1] for r in rows], seq_len=d.seq_len,
                                num_objects=[len(r[2]) for r in rows], max_objects=d.max_objects,
                                num_image_tokens=d.num_image_tokens)
@@ -196,17 +198,32 @@ class Examples:
     return {**{k: plan[k] for k in keys}, "slot_ids": slot_ids, "slot_mask": slot_mask}
 
 
+def drill_tasks(data_cfg) -> dict:
+  """The task config of the drill batches: `data.tasks` with `data.drill.tasks` over it."""
+  merged = dict(data_cfg.tasks)
+  merged.update(dict(data_cfg.drill.tasks))
+  return merged
+
+
 class BatchIterator:
   """Deterministic batches: batch n is a pure function of (seed, process, n), so the position
-  is the whole state (exact resume)."""
+  is the whole state (exact resume). The first `data.drill.steps` batches are the drill
+  (dense lookups on crowded scenes), the rest the full task mix."""
 
   def __init__(self, examples: Examples, seed: int, batch_size: int, process_index: int = 0):
     self.examples, self.seed, self.batch_size = examples, seed, batch_size
     self.process_index, self.position = process_index, 0
+    d = examples.cfg
+    self.drill_steps = int(d.drill.steps) if "drill" in d else 0
+    self.drill = (drill_tasks(d), int(d.drill.min_objects)) if self.drill_steps else None
 
   def __next__(self) -> dict:
     rng = np.random.default_rng([self.seed, self.process_index, self.position])
+    drill = self.position < self.drill_steps
     self.position += 1
+    if drill:
+      task_cfg, min_objects = self.drill
+      return self.examples.batch(rng, self.batch_size, task_cfg=task_cfg, min_objects=min_objects)
     return self.examples.batch(rng, self.batch_size)
 
   def get_state(self) -> dict:
