@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +17,13 @@ from chatrex_jax.models.llm import CausalLM, LLMConfig
 from data_engine import synthetic
 
 GROUP_RE = re.compile(r"<ground>(.*?)</ground><objects>((?:<obj\d+>)*)</objects>")
+
+
+def free_port() -> int:
+  """A TCP port on the loopback interface that nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
 
 
 def scene_record(index: int, image_size: int = 64, seed: int = 0, proposals: bool = False,

@@ -11,7 +11,6 @@ per-process data shards.
 """
 import os
 import signal
-import socket
 import subprocess
 import time
 
@@ -20,7 +19,7 @@ import pytest
 from chatrex_jax.errors import UserError
 from chatrex_jax.train.checkpoint import ProcessStateHandler, ProcessStateSave
 from chatrex_jax.train.metrics import read_jsonl
-from tests.builders import train_cmd, write_train_assets
+from tests.builders import free_port, train_cmd, write_train_assets
 
 STEPS = {"optim.total_steps": 6, "train.checkpoint_every": 3, "train.async_checkpointing": False,
          "mesh.data": 1, "mesh.fsdp": 8}
@@ -36,14 +35,8 @@ def _env(devices: int) -> dict:
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_pair(assets, workdir, heartbeat: int = 100, **extra) -> list[subprocess.Popen]:
-  address = f"127.0.0.1:{_free_port()}"
+  address = f"127.0.0.1:{free_port()}"
   procs = []
   for pid in range(2):
     flags = ("--coordinator", address, "--num-processes", "2", "--process-id", str(pid),

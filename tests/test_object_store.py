@@ -23,6 +23,7 @@ from chatrex_jax import storage
 from chatrex_jax.errors import atomic_path
 from chatrex_jax.train import checkpoint as ckpt_lib
 from chatrex_jax.train.metrics import MetricWriter, read_jsonl
+from tests.builders import free_port
 
 BUCKET = "chatrex-test"
 
@@ -30,9 +31,7 @@ BUCKET = "chatrex-test"
 @pytest.fixture(scope="module")
 def gcs():
   """The emulator's environment, also set in this process while the module runs."""
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
+  port = free_port()
   # The emulator serves one request at a time (http.server.HTTPServer); TensorStore and gcsfs
   # each keep requests in flight from several threads, and serially served they stall each
   # other, so it runs on the standard library's threading server instead.

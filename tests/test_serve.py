@@ -10,7 +10,6 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import time
 
 import numpy as np
@@ -21,14 +20,9 @@ from chatrex_jax.serve.app import main as serve_main
 from chatrex_jax.serve.app import serve
 from chatrex_jax.serve.models import load_models
 from chatrex_jax.serve.service import TASKS, RequestError, Service, prepare_image
+from tests.builders import free_port
 
 EDITOR_KEYS = ("background", "layers", "composite", "id")
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +44,7 @@ def scene(workdir, tmp_path_factory):
 def server(workdir):
   """The app on the demo's models, on a free loopback port, and a gradio_client for it."""
   from gradio_client import Client
-  port = _free_port()
+  port = free_port()
   app = serve(load_models(workdir=str(workdir)), port=port, block=False)
   url = f"http://127.0.0.1:{port}/"
   yield url, Client(url, verbose=False)

@@ -107,7 +107,7 @@ def _attention_bwd(block, acc_name, residuals, d_out):
   qr, kt, vt = _to_rows(q), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
   dor = _to_rows(d_out.astype(q.dtype))
   # D = rowsum(dO * O): the softmax backward's correction term, per row.
-  delta = jnp.sum(_to_rows(d_out).astype(acc) * _to_rows(out).astype(acc), axis=-1)
+  delta = jnp.sum(dor.astype(acc) * _to_rows(out).astype(acc), axis=-1)
   dq_blocks = []
   dk = jnp.zeros(kt.shape, acc)
   dv = jnp.zeros(vt.shape, acc)

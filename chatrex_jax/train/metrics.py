@@ -48,16 +48,15 @@ class MetricWriter:
       return
     row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
     line = json.dumps(row) + "\n"
-    if self.remote:
+    for k, v in scalars.items():
+      self._tb.add_scalar(k, float(v), int(step))
+    if self.remote:   # objects are written whole: the file so far, then the event files
       self._rows += line
       self.path.write_text(self._rows)
+      self._upload_events()
     else:
       with open(self.path, "a") as f:
         f.write(line)
-    for k, v in scalars.items():
-      self._tb.add_scalar(k, float(v), int(step))
-    if self.remote:
-      self._upload_events()
 
   def _upload_events(self):
     self._tb.flush()
