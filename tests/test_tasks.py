@@ -119,6 +119,29 @@ def test_query_and_region_counts_have_a_floor():
   assert set(capped) == {phrases}
 
 
+def test_repeated_queries_are_answered_in_question_order():
+  """grounding_repeat_queries draws queries with replacement: more queries than phrases, each
+  answered on its own line in the order the question names them, with the same `<objK>` tags
+  whenever a phrase comes back (so no line is completed by elimination)."""
+  rec = scene_record(3)
+  phrases = len({r["phrase"] for r in rec["regions"]})
+  config = {"grounding_kinds": {"phrase": 1.0}, "grounding_min_queries": phrases + 2,
+            "grounding_max_queries": phrases + 2, "grounding_repeat_queries": True}
+  repeats = 0
+  for seed in range(20):
+    s = tasks.sample_task(rec, np.random.default_rng(seed), config, max_objects=30, task="grounding")
+    lines = re.findall(r"<ground>(.*?)</ground><objects>(.*?)</objects>", s.turns[0][1])
+    assert len(lines) == phrases + 2
+    assert prompts.join_objects([p for p, _ in lines]) in s.turns[0][0]   # the question's order
+    tags = {}
+    for phrase, objs in lines:
+      assert tags.setdefault(phrase, objs) == objs
+      regions = {int(r["id"]) for r in rec["regions"] if r["phrase"] == phrase}
+      assert {int(s.box_region[int(k)]) for k in re.findall(r"<obj(\d+)>", objs)} == regions
+    repeats += len(lines) - len(tags)
+  assert repeats >= 2 * 20   # pigeonhole: at least two repeats per question
+
+
 def test_negatives_and_proposals():
   rec = scene_record(2)
   gt = np.asarray([r["box"] for r in rec["regions"]])

@@ -70,6 +70,12 @@ def test_drill_batches_come_first(config, shipped):
   assert choices(next(it)).min() >= 4
   mixed = np.concatenate([choices(next(it)) for _ in range(2)])
   assert mixed.min() <= 1 and mixed.mean() < 3
+  # drill.share: after the drill steps, that share of every batch's rows (the first ones)
+  drilled.data.drill.share = 0.5
+  it = tiny_llm.BatchIterator(tiny_llm.Examples(drilled.data, shipped), seed=0, batch_size=16)
+  it.set_state({"position": 5})
+  rows = choices(next(it))
+  assert rows[:8].min() >= 4 and rows[8:].mean() < 3
 
 
 def test_pretraining_script_writes_a_loadable_model(tmp_path):

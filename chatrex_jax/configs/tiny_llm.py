@@ -40,15 +40,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
                  brief_caption_max_sentences=1, turns=1),
       proposals=dict(use_stored=False, synthesize=True, min_extra=0, max_extra=8, dedup_iou=0.5,
                      jitter_prob=0.5, jitter_scale=0.3),
-      # The first `steps` batches drill the lookup densely: crowded scenes, 4-8 phrases or
-      # categories per grounding question and 4-8 regions per category question, so every row
-      # supervises several `<objK>` choices (the mix above averages under two). Off for the
-      # shipped weights; 1500 drill steps then 1500 of the mix measured no better (README).
-      drill=dict(steps=0, min_objects=5, tasks=dict(
+      # The drill: rows that supervise the lookup densely: crowded scenes, 4-8 phrases or
+      # categories per grounding question (`grounding_repeat_queries`: drawn with replacement,
+      # so no answer is completed by elimination) and 4-8 regions per category question, so
+      # every row holds several `<objK>` choices (the mix above averages under two). The first
+      # `steps` batches are all drill rows, later batches `share` of them. Off for the shipped
+      # weights; 1500 drill steps then 1500 of the mix measured no better (README).
+      drill=dict(steps=0, share=0.0, min_objects=5, tasks=dict(
           weights={"grounding": 1.0, "region": 1.0, "grounded_caption": 0.0},
           grounding_kinds={"phrase": 1.0, "category": 1.0}, region_granularities={"category": 1.0},
-          grounding_min_queries=4, grounding_max_queries=8, region_min_regions=4,
-          region_max_regions=8))))
+          grounding_min_queries=4, grounding_max_queries=8, grounding_repeat_queries=False,
+          region_min_regions=4, region_max_regions=8))))
   c.optim = common.optim(lr=3e-3, total_steps=8000, warmup_steps=200, end_lr_ratio=0.1,
                          weight_decay=0.01, clip_norm=1.0)
   c.train = common.train(log_every=50, checkpoint_every=500, keep_checkpoints=2,

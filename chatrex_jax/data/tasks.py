@@ -353,7 +353,9 @@ def sample_task(record: Mapping[str, Any], rng: np.random.Generator, config=None
   config: the `tasks` section of the data config (weights, grounding_kinds, region_granularities,
     grounding_max_queries, region_max_regions (each drawn uniformly from 1, or from
     grounding_min_queries / region_min_regions where given, up to the maximum and what the
-    record holds), prompt_variants, brief_caption_max_sentences,
+    record holds), grounding_repeat_queries (queries drawn with replacement, so a question
+    may name a category twice and a multi-query answer cannot be completed by elimination: a
+    pretraining drill; default False), prompt_variants, brief_caption_max_sentences,
     turns: 1 + the follow-up grounding / region turns about the same boxes; default 1).
   proposals: the `proposals` section (see `build_input_boxes`).
   task: force a task (tests); otherwise drawn among `applicable_tasks(record)`.
@@ -445,16 +447,17 @@ def _grounding(record, rng, config, max_objects, proposals, boxes=None) -> TaskS
   field = {"category": "category", "phrase": "phrase", "referring": "referring"}[kind]
   groups = _group_by(record, field)
   keys = sorted(groups)
+  repeat = bool(_cfg(config, "grounding_repeat_queries", False))
   max_q = 1 if kind == "referring" else int(_cfg(config, "grounding_max_queries", 3))
-  max_q = min(max_q, len(keys))
+  max_q = max_q if repeat else min(max_q, len(keys))
   n_q = int(rng.integers(min(int(_cfg(config, "grounding_min_queries", 1)), max_q), max_q + 1))
-  chosen = [keys[i] for i in rng.choice(len(keys), size=n_q, replace=False)]
+  chosen = [keys[i] for i in rng.choice(len(keys), size=n_q, replace=repeat)]
   # keep the chosen queries (their regions) within max_objects
   required: list[int] = []
   kept: list[tuple[str, list[int]]] = []  # (display name, region ids)
   for key in chosen:
     rids = groups[key][1]
-    if len(required) + len(rids) > max_objects:
+    if len(set(required) | set(rids)) > max_objects:
       if kept:
         break  # later queries do not fit
       # a single name with more regions than boxes: give a random subset; the answer names

@@ -207,24 +207,31 @@ def drill_tasks(data_cfg) -> dict:
 
 class BatchIterator:
   """Deterministic batches: batch n is a pure function of (seed, process, n), so the position
-  is the whole state (exact resume). The first `data.drill.steps` batches are the drill
-  (dense lookups on crowded scenes), the rest the full task mix."""
+  is the whole state (exact resume). The first `data.drill.steps` batches are all drill rows
+  (dense lookups on crowded scenes); after them `data.drill.share` of each batch's rows are
+  drill rows (the first ones) and the rest the full task mix."""
 
   def __init__(self, examples: Examples, seed: int, batch_size: int, process_index: int = 0):
     self.examples, self.seed, self.batch_size = examples, seed, batch_size
     self.process_index, self.position = process_index, 0
     d = examples.cfg
-    self.drill_steps = int(d.drill.steps) if "drill" in d else 0
-    self.drill = (drill_tasks(d), int(d.drill.min_objects)) if self.drill_steps else None
+    drill = d.get("drill") or {}
+    self.drill_steps = int(drill.get("steps", 0))
+    self.drill_rows = int(round(float(drill.get("share", 0.0)) * batch_size))
+    self.drill = (drill_tasks(d), int(drill["min_objects"])) if self.drill_steps or self.drill_rows else None
 
   def __next__(self) -> dict:
     rng = np.random.default_rng([self.seed, self.process_index, self.position])
-    drill = self.position < self.drill_steps
+    drill_rows = self.batch_size if self.position < self.drill_steps else self.drill_rows
     self.position += 1
-    if drill:
-      task_cfg, min_objects = self.drill
-      return self.examples.batch(rng, self.batch_size, task_cfg=task_cfg, min_objects=min_objects)
-    return self.examples.batch(rng, self.batch_size)
+    if not drill_rows:
+      return self.examples.batch(rng, self.batch_size)
+    task_cfg, min_objects = self.drill
+    drilled = self.examples.batch(rng, drill_rows, task_cfg=task_cfg, min_objects=min_objects)
+    if drill_rows == self.batch_size:
+      return drilled
+    mixed = self.examples.batch(rng, self.batch_size - drill_rows)
+    return {k: np.concatenate([drilled[k], mixed[k]]) for k in drilled}
 
   def get_state(self) -> dict:
     return {"position": self.position}
