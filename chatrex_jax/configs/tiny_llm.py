@@ -45,7 +45,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       # so no answer is completed by elimination) and 4-8 regions per category question, so
       # every row holds several `<objK>` choices (the mix above averages under two). The first
       # `steps` batches are all drill rows, later batches `share` of them. Off for the shipped
-      # weights; 1500 drill steps then 1500 of the mix measured no better (README).
+      # weights: neither a drill first (1500 steps, then the mix) nor half of every batch with
+      # repeated queries beat them on held-out lookups (README, "The demo").
       drill=dict(steps=0, share=0.0, min_objects=5, tasks=dict(
           weights={"grounding": 1.0, "region": 1.0, "grounded_caption": 0.0},
           grounding_kinds={"phrase": 1.0, "category": 1.0}, region_granularities={"category": 1.0},
