@@ -171,6 +171,7 @@ UPN_OVERRIDES = ("data.batch_size=8", "data.max_size=32", "data.max_targets=4",
                  "model.swin.depths=(1, 1, 1, 1)", "model.enc_layers=1")
 
 
+@pytest.mark.slow  # ~1.5 minutes on 2 cores; the ChatRex step's AOT compile stays in the default run
 def test_upn_train_step_compiles():
   """The UPN trainer through the same path as ChatRex: Trainer state, task batch, step."""
   from chatrex_jax.train.upn_task import BATCH_KEYS

@@ -92,6 +92,7 @@ def test_conversion_refuses_unknown_layout_and_reports_all_keys(golden):
     chatrex_convert.detect_layout(["model.embed_tokens.weight"])
 
 
+@pytest.mark.slow  # ~2 minutes on 2 cores (three eager gradients of the whole model)
 def test_frozen_aux_tower_gets_no_gradient(golden):
   _, config, params = golden
   batch = example_batch(config, batch_size=1, num_tokens=24, max_objects=2)

@@ -209,6 +209,7 @@ def test_stochastic_depth_is_per_sample_drop_path():
     block.apply(params, x, False)
 
 
+@pytest.mark.slow  # ~70 s on 2 cores
 def test_remat_and_drop_path_rates(highest_precision):
   cfg = convnext.ConvNeXtConfig(**TINY, drop_path_rate=0.3)
   assert cfg.drop_path_rates()[0] == [0.0] and abs(cfg.drop_path_rates()[3][0] - 0.3) < 1e-9

@@ -72,6 +72,7 @@ def _wait_for_rows(workdir, n: int, procs, timeout: float = 600) -> None:
   raise AssertionError(f"fewer than {n} steps logged: {_log(workdir, 0)[-3000:]}")
 
 
+@pytest.mark.slow  # ~3.5 minutes on 2 cores: three multi-device compiles in three runs
 def test_two_processes_equal_one_and_resume_together(assets, tmp_path):
   single = tmp_path / "single"
   subprocess.run(train_cmd(assets, single, **STEPS), check=True, env=_env(8), capture_output=True)
@@ -107,6 +108,7 @@ def test_two_processes_equal_one_and_resume_together(assets, tmp_path):
   assert checkpoints == ["3", "6"], checkpoints
 
 
+@pytest.mark.slow  # ~1.5 minutes on 2 cores
 def test_a_killed_peer_makes_the_other_process_fail_not_hang(assets, tmp_path):
   work = tmp_path / "peer"
   heartbeat = 10

@@ -253,7 +253,8 @@ def init_params(config: ChatRexConfig, rng: jax.Array, batch_size: int = 1, num_
                 max_objects: int = 4):
   """Random (boxed, logically partitioned) parameters for `ChatRex(config)`."""
   model = ChatRex(config)
-  return model.init(rng, example_batch(config, batch_size, num_tokens, max_objects))
+  # Compiled: run op by op, init's forward pass of the towers takes twice as long.
+  return jax.jit(model.init)(rng, example_batch(config, batch_size, num_tokens, max_objects))
 
 
 def example_batch(config: ChatRexConfig, batch_size: int = 1, num_tokens: int = 8,
