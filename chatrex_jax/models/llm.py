@@ -277,7 +277,8 @@ class Attention(nn.Module):
   """GQA self-attention with RoPE and an optional KV cache.
 
   x [B, T, D]; positions [B, T]; key_valid [B, S] (S = T without a cache, else cache slots);
-  cache {"k","v": [B, S, K, H]} with the T new keys written at slot `cache_index`.
+  cache {"k","v": [B, S, K, H]}: the T new tokens go to slots cache_index..cache_index+T-1.
+  Returns (out [B, T, D], None without a cache, else the new {"k","v": [B, T, K, H]}).
   """
   config: LLMConfig
 
@@ -308,20 +309,24 @@ class Attention(nn.Module):
     if cache is None:  # training / scoring: causal blocks, no [T, T] scores kept for backward
       out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
       return self._out_proj(out.reshape(b, t, n, h)), None
-    # Decoding: the T new keys join the cache at slot `cache_index`; dense scores over all S
-    # slots (T is 1 per generated token). Packing (segment_ids) never comes with a cache.
-    key = jax.lax.dynamic_update_slice_in_dim(cache["k"], key.astype(cache["k"].dtype), cache_index, 1)
-    value = jax.lax.dynamic_update_slice_in_dim(cache["v"], value.astype(cache["v"].dtype), cache_index, 1)
-    new_cache = {"k": key, "v": value}
-    query_slots = jnp.arange(t)[None, :] + cache_index
-    s = key.shape[1]
-    allowed = (jnp.arange(s)[None, None, :] <= query_slots[:, :, None]) & key_valid[:, None, :].astype(bool)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(q.dtype), preferred_element_type=acc)
+    # Decoding: the T new queries see the cache's slots before `cache_index` and the T new keys
+    # (causally); the new keys and values are returned, not written here: the decoder writes
+    # every layer's into the layer-stacked cache at once, in place (`write_cache`). Dense
+    # scores (T is 1 per generated token). Packing (segment_ids) never comes with a cache.
+    key, value = key.astype(cache["k"].dtype), value.astype(cache["v"].dtype)
+    s = cache["k"].shape[1]
+    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, t, axis=1).astype(bool)  # [B, T]
+    cached = (jnp.arange(s) < cache_index)[None, None, :] & key_valid[:, None, :].astype(bool)
+    causal = jnp.tril(jnp.ones((t, t), bool))[None] & new_valid[:, None, :]
+    allowed = jnp.concatenate([jnp.broadcast_to(cached, (b, t, s)), causal], axis=-1)  # [B, T, S + T]
+    keys = jnp.concatenate([cache["k"], key], axis=1).astype(q.dtype)
+    values = jnp.concatenate([cache["v"], value], axis=1).astype(cfg.dtype)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=acc)
     scores = scores / acc.type(math.sqrt(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, value.astype(cfg.dtype)).reshape(b, t, n, h)
-    return self._out_proj(out), new_cache
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
+    return self._out_proj(out), {"k": key, "v": value}
 
   def _out_proj(self, out):
     cfg = self.config
@@ -358,7 +363,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, new_cache)."""
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, the new tokens' k / v)."""
   config: LLMConfig
 
   @nn.compact
@@ -366,11 +371,11 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-    attn_out, new_cache = Attention(cfg, name="self_attn")(
+    attn_out, new_kv = Attention(cfg, name="self_attn")(
         norm("input_layernorm")(x), positions, key_valid, segment_ids, cache, cache_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-    return x, new_cache
+    return x, new_kv
 
 
 _REMAT_POLICIES = {
@@ -387,9 +392,9 @@ class _ScannedLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cache, positions, key_valid, segment_ids, cache_index):
-    x, new_cache = self.layer_cls(self.config, name="layer")(
+    x, new_kv = self.layer_cls(self.config, name="layer")(
         x, cache, positions, key_valid, segment_ids, cache_index)
-    return x, new_cache
+    return x, new_kv
 
 
 class Decoder(nn.Module):
@@ -416,18 +421,19 @@ class Decoder(nn.Module):
           in_axes=(cache_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           out_axes=0, length=cfg.num_hidden_layers,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_cache = scanned(cfg, layer_cls, name="layers")(
+      x, new_kv = scanned(cfg, layer_cls, name="layers")(
           x, cache, positions, key_valid, segment_ids, cache_index)
     else:
-      caches = []
+      new_kvs = []
       for i in range(cfg.num_hidden_layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-        x, c = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
-                                                   segment_ids, cache_index)
-        caches.append(c)
+        x, kv = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
+                                                    segment_ids, cache_index)
+        new_kvs.append(kv)
         if return_hidden_states:
           hidden_states.append(x)
-      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *caches)
+      new_kv = None if cache is None else jax.tree.map(lambda *kv: jnp.stack(kv), *new_kvs)
+    new_cache = None if cache is None else write_cache(cache, new_kv, cache_index)
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
     if return_hidden_states:
       hidden_states[-1] = x  # HF convention: the last entry is after the final norm
@@ -521,6 +527,15 @@ class CausalLM(nn.Module):
     if compute_logits:
       out["logits"] = self.logits_from_hidden(h).astype(accumulation_dtype(self.config.dtype))
     return out
+
+
+def write_cache(cache: Cache, new_kv: Cache, cache_index: Array) -> Cache:
+  """The T new tokens' keys and values {"k","v": [L, B, T, K, H]} written into the cache
+  {"k","v": [L, B, S, K, H]} at slot `cache_index`: one in-place update per step, where
+  rebuilding the cache from per-layer copies would move all of it every generated token."""
+  return jax.tree.map(
+      lambda c, kv: jax.lax.dynamic_update_slice_in_dim(c, kv.astype(c.dtype), cache_index, axis=2),
+      cache, new_kv)
 
 
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=None) -> Cache:

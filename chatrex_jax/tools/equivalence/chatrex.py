@@ -11,14 +11,15 @@ from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig, lm_loss
 from chatrex_jax.tools.equivalence.registry import Fixture, RunResult, register
 
 
-def fixture_config(cfg: dict) -> ChatRexConfig:
+def fixture_config(cfg: dict, **compute) -> ChatRexConfig:
+  """The fixture's model sizes; `compute` as `ChatRexConfig.from_dict` (dtype=, ...)."""
   return ChatRexConfig.from_dict(dict(
       llm=dict(cfg["qwen2_config"], model_type="qwen2"),
       clip=dict(cfg["clip_vision_config"], mm_vision_select_layer=cfg["mm_vision_select_layer"],
                 mm_vision_select_feature=cfg["mm_vision_select_feature"]),
       convnext=dict(depths=cfg["convnext"]["depths"], dims=cfg["convnext"]["dims"]),
       aux_image_size=cfg["aux_image_size"], roi_output_size=cfg["box_encoder"]["output_size"],
-      add_pos_embedding=cfg["box_encoder"]["add_pos_embedding"]))
+      add_pos_embedding=cfg["box_encoder"]["add_pos_embedding"]), **compute)
 
 
 def _batch(config, ids, mask, labels, pixels, pixels_aux, boxes, counts):
