@@ -319,14 +319,15 @@ class Attention(nn.Module):
     cached = (jnp.arange(s) < cache_index)[None, None, :] & key_valid[:, None, :].astype(bool)
     causal = jnp.tril(jnp.ones((t, t), bool))[None] & new_valid[:, None, :]
     allowed = jnp.concatenate([jnp.broadcast_to(cached, (b, t, s)), causal], axis=-1)  # [B, T, S + T]
-    keys = jnp.concatenate([cache["k"], key], axis=1).astype(q.dtype)
-    values = jnp.concatenate([cache["v"], value], axis=1).astype(cfg.dtype)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, keys, preferred_element_type=acc)
-    scores = scores / acc.type(math.sqrt(h))
+    # Scores against the cache and against the new keys, joined for one softmax: joining the
+    # keys instead would copy the layer's whole cache every step.
+    score = lambda keys: jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=acc)
+    scores = jnp.concatenate([score(cache["k"]), score(key)], axis=-1) / acc.type(math.sqrt(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values).reshape(b, t, n, h)
-    return self._out_proj(out), {"k": key, "v": value}
+    mix = lambda p, values: jnp.einsum("BKGTS,BSKH->BTKGH", p, values.astype(cfg.dtype))
+    out = mix(probs[..., :s], cache["v"]) + mix(probs[..., s:], value)
+    return self._out_proj(out.reshape(b, t, n, h)), {"k": key, "v": value}
 
   def _out_proj(self, out):
     cfg = self.config
