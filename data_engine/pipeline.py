@@ -30,6 +30,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 
+from chatrex_jax import storage
 from chatrex_jax.data import schema
 from chatrex_jax.errors import UserError
 from data_engine import filters as filters_lib
@@ -233,7 +234,31 @@ def _remove_temporaries(out: str) -> None:
 
 
 def run(cfg: dict[str, Any], out: str, overwrite: bool = False) -> dict[str, Any]:
-  """Run (or resume) the engine into `out`; returns the manifest dict."""
+  """Run (or resume) the engine into `out`; returns the manifest dict.
+
+  An object-store `out` (gs://...) is written through a local staging folder
+  (`storage.staging_dir`: the same URL, the same folder, so a rerun on the same machine resumes
+  there): ArrayRecord's writer and the resume state need a local filesystem. When the run is
+  complete, the shards, error logs and metadata are uploaded, `manifest.json` last, so a reader
+  who finds the manifest finds every shard it counts; the resume state stays local.
+  """
+  if storage.is_remote(out):
+    staged = storage.staging_dir(out)
+    remote = storage.path(out)
+    if ((remote / "manifest.json").exists() and not overwrite
+        and not os.path.exists(os.path.join(staged, writer.STATE, "plan.json"))):
+      raise RunMismatchError(
+          f"{out} already holds a dataset that was not staged on this machine ({staged} is "
+          "empty): pass --overwrite to replace it, or write to another folder")
+    _log(f"{out}: staged in {staged}, uploaded when the run is complete")
+    manifest = run(cfg, staged, overwrite)
+    # Readers find shards through the manifest: without one the folder reads as unfinished
+    # while its shards are replaced, and the new manifest goes up last.
+    if (remote / "manifest.json").exists():
+      (remote / "manifest.json").unlink()
+    uploaded = storage.upload_tree(staged, out, exclude=(writer.STATE,), replace=True)
+    _log(f"uploaded {len(uploaded)} files to {out}")
+    return manifest
   t0 = time.time()
   os.makedirs(out, exist_ok=True)
   _remove_temporaries(out)

@@ -61,6 +61,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from chatrex_jax import storage
 from chatrex_jax.data import merge, schema, tasks
 from chatrex_jax.data import records as records_lib
 from chatrex_jax.errors import UserError
@@ -178,7 +179,8 @@ class RecordSource:
     self.directory = directory
     self.split = split
     self.name = name or os.path.basename(os.path.normpath(directory))
-    self._paths = records_lib.shard_paths(directory, split)
+    # ArrayRecord's reader opens local files only: a gs:// dataset is read from a local mirror.
+    self._paths = records_lib.shard_paths(storage.cached_copy(directory), split)
     from grain.python import ArrayRecordDataSource
     self._source = ArrayRecordDataSource(self._paths) if self._paths else None
 

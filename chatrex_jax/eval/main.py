@@ -22,12 +22,15 @@
       --out DIR [--max-proposals 100] [--iou 0.5]
     The paper's class-agnostic proposal recall at IoU 0.5 (+ one-to-one detection recall).
 
-Every subcommand writes DIR/metrics.md (markdown table) and DIR/metrics.json.
+Every subcommand writes DIR/metrics.md (markdown table) and DIR/metrics.json. Any path may be
+an object-store URL (gs://...): inputs are downloaded to a temporary folder first and --out is
+uploaded when the command succeeds.
 """
 from __future__ import annotations
 
 import argparse
 from collections import defaultdict
+import contextlib
 import json
 import pathlib
 import pickle
@@ -37,6 +40,7 @@ import uuid
 
 import numpy as np
 
+from chatrex_jax import storage
 from chatrex_jax.errors import atomic_path, command
 from chatrex_jax.eval import coco as coco_lib
 from chatrex_jax.eval import density_f1 as df1
@@ -305,6 +309,24 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+# Arguments naming files or folders that are read; `--out` is the one written.
+_INPUTS = ("checkpoint", "annotations", "image_dir", "predictions", "refs", "instances")
+
+
+def _run_staged(args) -> int:
+  """Runs the command on local paths: gs:// inputs are downloaded first, a gs:// --out is
+  written locally and uploaded when the command succeeds."""
+  with contextlib.ExitStack() as stack:
+    for name in _INPUTS:
+      value = getattr(args, name, None)
+      if isinstance(value, list):
+        setattr(args, name, [stack.enter_context(storage.local_input(v)) for v in value])
+      elif value:
+        setattr(args, name, stack.enter_context(storage.local_input(value)))
+    args.out = stack.enter_context(storage.local_output(args.out))
+    return int(args.fn(args) or 0)
+
+
 @command("eval")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -312,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = ["run"] + argv
   args = build_parser().parse_args(argv)
   try:
-    return int(args.fn(args) or 0)
+    return _run_staged(args)
   except (ValueError, FileNotFoundError, pickle.UnpicklingError) as e:
     print(f"chatrex-jax eval: error: {e}", file=sys.stderr)
     return 2

@@ -28,8 +28,12 @@ def load_tokenizer(path):
   """A checkpoint folder's tokenizer, loaded as the official code loads it (`use_fast=False`
   under transformers 4.x): a sentencepiece LLaMA / Vicuna tokenizer (`tokenizer.model`) as that
   slow class (`llama_tokenizer.SentencePieceLlamaTokenizer`; transformers 5's converted one
-  encodes ChatRex prompts differently), any other with `AutoTokenizer` (local files only)."""
+  encodes ChatRex prompts differently), any other with `AutoTokenizer` (local files only; a
+  gs:// folder is read from a local mirror)."""
+  from chatrex_jax import storage
   from chatrex_jax.protocol import llama_tokenizer
+  if storage.is_remote(path) and storage.path(path).is_dir():
+    path = storage.cached_copy(path)   # the tokenizers read local files
   folder = pathlib.Path(path)
   if not folder.is_dir() or not any((folder / f).is_file() for f in TOKENIZER_FILES):
     raise UserError(f"{path}: {'no tokenizer files' if folder.is_dir() else 'no such folder'} "

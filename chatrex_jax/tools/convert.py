@@ -12,6 +12,10 @@ The direction is read from the source: an LLM folder whose tensors are keyed by 
 ('a/b/c', written by `convert llm`) goes back to HF names, any other goes to Flax; a ChatRex
 folder with an Orbax `params/` sub-folder goes to the official layout. Every command prints
 what it wrote. A wrong path or format exits with code 2 and a message, not a traceback.
+--from, --to and --workdir may be object-store URLs (gs://...): a remote --from is downloaded to
+a temporary folder, a remote --to is written locally and uploaded only when the conversion
+succeeds (an existing one needs --overwrite, which replaces its files), and export reads a
+remote workdir's checkpoint directly through Orbax.
 
 Formats
 * llm, Flax side: `llm.convert_hf_to_flax_checkpoint` (disk to disk, bounded memory);
@@ -28,6 +32,7 @@ Formats
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import pickle
@@ -369,7 +374,7 @@ def _export_chatrex(args, config, params) -> int:
   tokenizer, notes = None, []
   tok_dir = config.data.get("tokenizer_dir", "") if "data" in config else ""
   if tok_dir:
-    if not pathlib.Path(tok_dir).is_dir():
+    if not storage.path(tok_dir).is_dir():
       raise UsageError(f"config.data.tokenizer_dir {tok_dir} is not a folder: set "
                        "--config.data.tokenizer_dir to the tokenizer the run trained with")
     from chatrex_jax.protocol.tokenize import load_tokenizer
@@ -449,6 +454,23 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+def _run_staged(args) -> int:
+  """Runs the command on local paths: a gs:// --from is downloaded first; a gs:// --to is
+  written locally and uploaded only when the conversion succeeds (shard indexes last),
+  replacing what was there with --overwrite. `export` reads a gs:// --workdir directly."""
+  with contextlib.ExitStack() as stack:
+    if getattr(args, "src", None):
+      args.src = stack.enter_context(storage.local_input(args.src))
+    if storage.is_remote(args.dst):
+      if storage.exists_nonempty(args.dst) and not args.overwrite:
+        raise UsageError(f"--to {args.dst} exists and is not empty; pass --overwrite to replace it")
+      args.dst = stack.enter_context(storage.local_output(args.dst, replace=True))
+    code = int(args.run(args) or 0)
+    if code:
+      raise UsageError(f"failed with exit status {code}; --to was left as it was")
+  return code
+
+
 @command("convert")
 def main(argv: list[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -466,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from chatrex_jax.convert.mapping import ConversionError
   try:
-    return int(args.run(args) or 0)
+    return _run_staged(args)
   except (UsageError, ConversionError, FileNotFoundError, NotADirectoryError) as e:
     print(f"chatrex-jax convert {args.command}: error: {e}", file=sys.stderr)
     return 2
