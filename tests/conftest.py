@@ -20,6 +20,28 @@ import pytest  # noqa: E402
 
 from chatrex_jax import testing  # noqa: E402
 
+# The suite runs on two pytest-xdist workers (pyproject's addopts: `-n 2 --dist loadgroup`):
+# XLA's compiles, a large part of the suite's time, use one core each. A group runs whole on one
+# worker, so module-scoped fixtures are built once; the modules sharing the session's quick demo
+# run (`demo_quick`) form one group, so it is built once too. The trainer's tests are minutes
+# each on a fixture of seconds: they are spread one by one, so no worker is left with all of them.
+_SHARE_DEMO_QUICK = ("tests.test_demo", "tests.test_serve")
+_SPREAD = ("tests.test_trainer",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
+    if module in _SHARE_DEMO_QUICK:
+      group = "demo_quick"
+    elif module in _SPREAD:
+      group = item.nodeid
+    else:
+      group = module
+    item.add_marker(pytest.mark.xdist_group(group))
+
 
 @pytest.fixture(scope="session")
 def golden_dir() -> pathlib.Path:

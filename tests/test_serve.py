@@ -247,6 +247,9 @@ def test_a_real_browser_runs_both_demos(server, scene, tmp_path):
     next(t for t in css("button[role=tab]") if t.text.strip() == "ChatRex").click()
     wait.until(lambda _: css("#chatrex-image input[type=file]"))
     css("#chatrex-image input[type=file]")[0].send_keys(str(scene[0]))
+    # The editor shows its empty-state prompt until the upload has landed; answering earlier
+    # sends no image (seen on a loaded machine).
+    wait.until(lambda _: "Upload an image" not in css("#chatrex-image")[0].text)
     time.sleep(1)
     css("#chatrex-query textarea")[0].send_keys("circle,square")
     css("#chatrex-run")[0].click()
