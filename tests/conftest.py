@@ -14,6 +14,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# XLA's persistent compilation cache, shared by both workers and by the training and demo
+# subprocesses the tests start: a run restarted after a kill, or the same tiny step compiled by
+# several tests, reuses the executable instead of compiling it again. One folder per test run.
+_OWN_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:   # the controller's choice reaches its workers
+  import tempfile
+  _OWN_XLA_CACHE = tempfile.mkdtemp(prefix="chatrex-jax-test-xla-cache-")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_XLA_CACHE
 
 import jax  # noqa: E402  (after XLA_FLAGS on purpose)
 import pytest  # noqa: E402
@@ -23,10 +31,8 @@ from chatrex_jax import testing  # noqa: E402
 # The suite runs on two pytest-xdist workers (pyproject's addopts: `-n 2 --dist loadgroup`):
 # XLA's compiles, a large part of the suite's time, use one core each. A group runs whole on one
 # worker, so module-scoped fixtures are built once; the modules sharing the session's quick demo
-# run (`demo_quick`) form one group, so it is built once too. The trainer's tests are minutes
-# each on a fixture of seconds: they are spread one by one, so no worker is left with all of them.
+# run (`demo_quick`) form one group, so it is built once too.
 _SHARE_DEMO_QUICK = ("tests.test_demo", "tests.test_serve")
-_SPREAD = ("tests.test_trainer",)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -34,13 +40,14 @@ def pytest_collection_modifyitems(config, items):
   del config
   for item in items:
     module = item.module.__name__ if item.module is not None else item.nodeid.split("::")[0]
-    if module in _SHARE_DEMO_QUICK:
-      group = "demo_quick"
-    elif module in _SPREAD:
-      group = item.nodeid
-    else:
-      group = module
+    group = "demo_quick" if module in _SHARE_DEMO_QUICK else module
     item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_unconfigure(config):
+  if _OWN_XLA_CACHE is not None and not hasattr(config, "workerinput"):
+    import shutil
+    shutil.rmtree(_OWN_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -143,7 +143,8 @@ def test_training_in_a_bucket_resumes_after_kill9_and_exports(gcs, tmp_path, mon
   twice = [(r, before[r["step"]]) for r in rows[len(first):] if r["step"] in before]
   assert twice
   for again, once in twice:   # the steps run twice: same loss, same batch
-    print(f"step {again['step']}: loss {once['loss']:.6f} before the kill, {again['loss']:.6f} after")
+    with capsys.disabled():   # the figures for a report: pytest -s shows them
+      print(f"step {again['step']}: loss {once['loss']:.6f} before the kill, {again['loss']:.6f} after")
     assert again["loss"] == once["loss"], again["step"]
     assert again["data_signature"] == once["data_signature"], again["step"]
   steps = sorted(int(p.name) for p in storage.path(f"{run}/checkpoints").iterdir() if p.name.isdigit())
