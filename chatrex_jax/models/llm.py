@@ -63,6 +63,9 @@ class LLMConfig:
   # 2L block outputs there in bf16 is what moves bf16 logits away from fp32.
   residual_dtype: Any = jnp.float32
   scan_layers: bool = False
+  # Layers per iteration of the scanned loop (`lax.scan`'s unroll). XLA's cost analysis counts
+  # a loop body once: the AOT FLOP count (tools/roofline.py) sets it to the layer count.
+  scan_unroll: int = 1
   remat_policy: str = "none"  # none | full | dots | dots_no_batch
   # Chunks of every row's positions in the fused LM head + cross-entropy (`token_loss`): 0 =
   # about 2^23 logits per chunk (a one-device budget). Under data parallelism every chunk's
@@ -420,7 +423,7 @@ class Decoder(nn.Module):
       scanned = nn.scan(
           _ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(cache_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-          out_axes=0, length=cfg.num_hidden_layers,
+          out_axes=0, length=cfg.num_hidden_layers, unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})
       x, new_kv = scanned(cfg, layer_cls, name="layers")(
           x, cache, positions, key_valid, segment_ids, cache_index)

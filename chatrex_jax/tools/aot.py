@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of the train step for a target topology, without the hardware.
 
   python -m chatrex_jax.tools.aot --config chatrex_7b:stage2 --topology v5p-256 \
-      [--report out.json] [--config.mesh.fsdp=64 ...]
+      [--correct-loops [--compiled-costs]] [--report out.json] [--config.mesh.fsdp=64 ...]
   python -m chatrex_jax.tools.aot --config upn_train_large --topology v5p-16
   python -m chatrex_jax.tools.aot --quick            # tiny config, 8 fake CPU devices (CI)
   python -m chatrex_jax.tools.aot --write-golden tests/golden/chatrex_7b_partition_specs.json
@@ -54,6 +54,7 @@ from typing import Optional
 
 from chatrex_jax.configs import apply_overrides, load_config, split_overrides
 from chatrex_jax.errors import UserError, command
+from chatrex_jax.tools import roofline as roofline_lib
 from chatrex_jax.train.accelerators import GIB, Target, parse_topology
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -333,18 +334,57 @@ def lower_train_step(config, devices, *, shard_opt_state=True):
   return lowered, trainer, state, batch, info
 
 
+def _hbm_exhausted(error: Exception) -> Optional[dict]:
+  """The TPU compiler refuses a program larger than HBM: {"message", "used_bytes"} from its
+  "Used 101.2G of 95.00G hbm" line, or None for any other error."""
+  text = str(error)
+  if "RESOURCE_EXHAUSTED" not in text and "Ran out of memory" not in text:
+    return None
+  units = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
+  m = re.search(r"Used ([\d.]+)([KMGT]) of ([\d.]+)([KMGT]) hbm", text)
+  used = float(m.group(1)) * units[m.group(2)] if m else None
+  lines = text.splitlines()
+  line = next((ln for ln in lines if "Used" in ln),
+              next((ln for ln in lines if "RESOURCE_EXHAUSTED" in ln), text))
+  return {"message": line.strip()[:500], "used_bytes": used}
+
+
+def model_flops_per_device(trainer, batch, num_devices: int) -> Optional[float]:
+  """The task's model FLOPs (PaLM's MFU count) of one global batch with every token real."""
+  import numpy as np
+  if "attention_mask" not in batch:
+    return None
+  mask = batch["attention_mask"]
+  flops = trainer.task.model_flops({"attention_mask": np.ones(mask.shape, np.int32)})
+  return None if flops is None else float(flops) / num_devices
+
+
 def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
-                       compiler_options: Optional[dict] = None) -> dict:
-  """Lowers and compiles the trainer's jitted step for `devices`; returns the report dict."""
+                       compiler_options: Optional[dict] = None,
+                       correct_loops: bool = False, compiled_costs: bool = False) -> dict:
+  """Lowers and compiles the trainer's jitted step for `devices`; returns the report dict.
+
+  correct_loops: count the program's FLOPs whole (`roofline.program_cost` of the step lowered
+  with every layer in the program, `roofline.whole_program_config`; seconds) and give the
+  roofline bound. compiled_costs: also correct the compiled program's own figures (bytes
+  accessed, XLA's time estimate) with three reduced *compiles* (minutes). A program the TPU
+  compiler finds larger than HBM gives a report with fits=False and its message."""
   import jax
 
   lowered, trainer, state, batch, info = lower_train_step(
       config, devices, shard_opt_state=shard_opt_state)
   t0 = time.perf_counter()
-  compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+  exhausted = None
+  try:
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+  except Exception as e:  # jaxlib's XlaRuntimeError; anything but HBM exhaustion re-raised
+    exhausted = _hbm_exhausted(e)
+    if exhausted is None:
+      raise
+    compiled = None
   info["time_s"]["compile"] = round(time.perf_counter() - t0, 2)
 
-  mem = _memory_stats(compiled)
+  mem = _memory_stats(compiled) if compiled is not None else {}
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.trainable, state.frozen)))
   tr_dev, tr_glob = _tree_bytes_per_device(state.trainable)
   fr_dev, fr_glob = _tree_bytes_per_device(state.frozen)
@@ -356,21 +396,52 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
       for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
       if math.prod(x.shape) > 1_000_000 and x.sharding.is_fully_replicated]
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  grad_accum = int(config.train.get("grad_accum", 1))
+  cost = roofline_lib.cost_of(compiled) if compiled is not None else {}
+  n = len(devices)
+  program = roofline_lib.program_cost(lowered, n)
+  program_corrected, correction = {}, None
+  looped = correct_loops and config.task == "chatrex"
+  if looped and program:
+    t0 = time.perf_counter()
+    whole = lower_train_step(roofline_lib.whole_program_config(config), devices,
+                             shard_opt_state=shard_opt_state)[0]
+    program_corrected = roofline_lib.corrected_cost(roofline_lib.program_cost(whole, n), None,
+                                                    grad_accum)
+    info["time_s"]["whole_program_lowering"] = round(time.perf_counter() - t0, 2)
+  if looped and compiled_costs and compiled is not None:
+    t0 = time.perf_counter()
+    def reduced_cost(c):
+      low = lower_train_step(c, devices, shard_opt_state=shard_opt_state)[0]
+      return roofline_lib.cost_of(low.compile(compiler_options) if compiler_options else low.compile())
+    correction = roofline_lib.loop_correction(config, reduced_cost)
+    info["time_s"]["loop_correction_compiles"] = round(time.perf_counter() - t0, 2)
+  corrected = roofline_lib.corrected_cost(cost, correction, grad_accum) if cost else {}
+  model_flops = model_flops_per_device(trainer, batch, n)
+  collective = roofline_lib.fsdp_collective_bytes(
+      state, 2 if config.model.get("compute_dtype", "float32") == "bfloat16" else 4)
+  bound = (roofline_lib.roofline(program_corrected, corrected if correction else None,
+                                 model_flops or 0.0, target, collective)
+           if program_corrected and target.peak_flops else None)
   peak = None
   if mem:
     peak = (mem.get("argument_size_in_bytes", 0) + mem.get("output_size_in_bytes", 0)
             - mem.get("alias_size_in_bytes", 0) + mem.get("temp_size_in_bytes", 0)
             + mem.get("generated_code_size_in_bytes", 0))
+  if exhausted is not None:
+    fits = False
+  elif target.hbm_bytes is None or peak is None:
+    fits = None
+  else:
+    # The TPU compiler's own peak (it plans every HBM buffer) when it reports one.
+    fits = bool(mem.get("peak_memory_in_bytes", peak) <= target.hbm_bytes)
   model, data = config.model, config.data
   return {
       "target": target.name, "platform": target.platform, "topology": target.topology,
       "num_devices": len(devices), "device_kind": devices[0].device_kind,
       "mesh": dict(trainer.mesh.shape), "task": config.task, "stage": config.get("stage"),
-      "grad_accum": int(config.train.get("grad_accum", 1)),
+      "base": model.get("base"),
+      "grad_accum": grad_accum,
       "global_batch": int(next(iter(batch.values())).shape[0]),
       "batch": {k: [list(x.shape), str(x.dtype)] for k, x in batch.items()},
       # The MLLM's sizes (None for UPN).
@@ -378,11 +449,13 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "llm_layers": (model.get("llm") or {}).get("num_hidden_layers"),
       "scan_layers": bool(model.get("scan_layers", False)),
       "remat_policy": model.get("remat_policy", "none"),
+      "loss_chunks": model.get("loss_chunks"),
       "compute_dtype": model.get("compute_dtype", "float32"),
       "num_params": int(num_params), "compiler_options": dict(compiler_options or {}),
       "time_s": info["time_s"],
       "memory_analysis_per_device": mem,
       "peak_estimate_bytes_per_device": peak,
+      "hbm_exhausted": exhausted,
       "analytic_bytes_per_device": {"trainable_params": tr_dev, "frozen_params": fr_dev,
                                     "optimizer_state": opt_dev, "total": tr_dev + fr_dev + opt_dev,
                                     "step_and_rng": other_dev, "batch": batch_dev},
@@ -393,11 +466,21 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "replicated_by_divisibility": [x["path"] for x in info["replicated_dims"]],
       "hbm_bytes_per_device": target.hbm_bytes,
       "peak_flops_per_device": target.peak_flops,
-      "fits": (None if target.hbm_bytes is None or peak is None else bool(peak <= target.hbm_bytes)),
-      "flops_per_step": flops,
-      "flops_note": ("per device, from compiled.cost_analysis(); XLA counts a while loop's body "
-                     "once, so with scan_layers=True the scanned LLM layers are counted once, "
-                     "not num_hidden_layers times"),
+      "fits": fits,
+      "cost_reported_per_device": cost,
+      "loop_correction": correction,
+      "cost_per_device": corrected,
+      "program_cost_reported_per_device": program,
+      "program_cost_per_device": program_corrected,
+      "collective_bytes_per_device_estimate": collective,
+      "roofline": bound,
+      "flops_per_step": (program_corrected or corrected or cost).get("flops", float("nan")),
+      "flops_note": ("per device: the traced program's FLOPs (before XLA's optimizations, global "
+                     "/ devices) with every scanned layer and loss chunk counted "
+                     "(tools/roofline.py)" if program_corrected else
+                     "per device, from compiled.cost_analysis() as reported: a while loop's body "
+                     "is counted once, so scanned layers and loss chunks are under-counted "
+                     "(--correct-loops counts them)"),
   }
 
 
@@ -422,8 +505,29 @@ def format_report(r: dict) -> str:
   a = r["analytic_bytes_per_device"]
   lines += [f"  per device (analytic): trainable {g(a['trainable_params'])}, frozen "
             f"{g(a['frozen_params'])}, optimizer {g(a['optimizer_state'])}, total {g(a['total'])}",
-            f"  peak estimate (arg + out - alias + temp + code): {g(r['peak_estimate_bytes_per_device'])}"
-            f" of {g(r['hbm_bytes_per_device'])} HBM -> fits: {r['fits']}"]
+            f"  peak: XLA {g(r['memory_analysis_per_device'].get('peak_memory_in_bytes'))}, sum (arg + "
+            f"out - alias + temp + code) {g(r['peak_estimate_bytes_per_device'])} of "
+            f"{g(r['hbm_bytes_per_device'])} HBM -> fits: {r['fits']}"]
+  if r.get("hbm_exhausted"):
+    lines.append(f"  the TPU compiler ran out of HBM: {r['hbm_exhausted']['message']}")
+  c = r.get("cost_per_device") or {}
+  if c:
+    lines.append(f"  compiled cost per device ({'loops corrected' if r.get('loop_correction') else 'as reported'}):"
+                 f" {c.get('flops', float('nan')) / 1e12:.3g} TFLOP, "
+                 f"{c.get('bytes accessed', float('nan')) / GIB:.3g} GiB accessed"
+                 + (f", XLA estimate {c['optimal_seconds']:.3g} s" if "optimal_seconds" in c else ""))
+  pc = r.get("program_cost_per_device") or {}
+  if pc:
+    lines.append(f"  program FLOPs per device, every layer and chunk counted: {pc['flops'] / 1e12:.3g} TFLOP")
+  b = r.get("roofline")
+  if b:
+    t = lambda v: "n/a" if v is None else f"{v * 1e3:.3g} ms"
+    pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"
+    lines.append(f"  roofline: compute {t(b['t_compute_s'])}, HBM {t(b['t_hbm_s'])}, ICI (FSDP "
+                 f"estimate) {t(b['t_ici_s'])} -> step >= {t(b['step_time_bound_s'])} "
+                 f"({b['bound_by']}-bound), MFU <= {pct(b['mfu_bound'])}, HFU <= {pct(b['hfu_bound'])}")
+    if b.get("compiled_note"):
+      lines.append(f"  {b['compiled_note']}")
   lines.append(f"  optimizer-state shardings: {r['optimizer_state_shardings']}")
   if r["optimizer_state_replicated_large"]:
     lines.append(f"  WARNING: {len(r['optimizer_state_replicated_large'])} optimizer-state leaves "
@@ -440,13 +544,15 @@ def format_report(r: dict) -> str:
 
 
 def run(config, target: Target, backend: str = "auto", shard_opt_state: bool = True,
-        compiler_options: Optional[dict] = None) -> dict:
+        compiler_options: Optional[dict] = None, correct_loops: bool = False,
+        compiled_costs: bool = False) -> dict:
   """Devices for the target, then `compile_train_step`; the report names the path used."""
   devices, path, note = target_devices(target, backend)
   if path != "cpu-fake-devices":
     compiler_options = None  # the fast options are CPU-backend flags
   report = compile_train_step(config, target, devices, shard_opt_state=shard_opt_state,
-                              compiler_options=compiler_options)
+                              compiler_options=compiler_options, correct_loops=correct_loops,
+                              compiled_costs=compiled_costs)
   report["path"], report["path_note"] = path, note
   return report
 
@@ -474,6 +580,12 @@ def _parse(argv):
                  help="optimizer-state leaves sharded like their parameters (the trainer's layout; default)")
   p.add_argument("--replicated-opt-state", dest="shard_opt_state", action="store_false",
                  help="leave the optimizer-state shardings to XLA (replicated), to see what that costs")
+  p.add_argument("--correct-loops", action="store_true",
+                 help="count every scanned layer and loss chunk of the program (three reduced "
+                      "lowerings) and print the roofline bound on the step time")
+  p.add_argument("--compiled-costs", action="store_true",
+                 help="with --correct-loops: also correct the compiled program's bytes accessed "
+                      "and XLA's time estimate (three reduced compiles: minutes)")
   p.add_argument("--write-golden", metavar="PATH",
                  help=f"write the partition-spec golden of {GOLDEN_CONFIG} and exit")
   p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
@@ -523,7 +635,8 @@ def main(argv=None) -> int:
 
   try:
     report = run(config, target, args.backend, args.shard_opt_state,
-                 FAST_CPU_COMPILE if args.quick else None)
+                 FAST_CPU_COMPILE if args.quick else None, correct_loops=args.correct_loops,
+                 compiled_costs=args.compiled_costs)
   except AOTError as e:
     print(f"AOT check FAILED for {target.name}: {e}", file=sys.stderr)
     if args.report:

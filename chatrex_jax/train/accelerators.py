@@ -39,14 +39,20 @@ class TPUGeneration:
   slices: dict             # chips -> physical topology
   hbm_bytes: int           # per chip (= per JAX device)
   peak_flops: float        # dense bf16 FLOP/s per chip
+  hbm_bandwidth: float     # bytes/s per chip
+  ici_bandwidth: Optional[float]  # bidirectional inter-chip bytes/s per chip (None: unpublished)
 
 
+# Public per-chip figures, Cloud TPU system-architecture pages (cloud.google.com/tpu/docs/v4,
+# /v5p, /v5e, /v6e; read 2026-12): peak bf16 TFLOP/s, HBM GiB, HBM GB/s, bidirectional ICI GB/s.
+# v4 1200 GB/s HBM, no ICI figure published; v5p 2765 GB/s, ICI 1200 GB/s; v5e 819 GB/s,
+# 400 GB/s; v6e 1638 GB/s, 800 GB/s.
 GENERATIONS = {
-    "v4": TPUGeneration("v4", "TPU v4", 2, SLICES_3D, 32 * GIB, 275e12),
-    "v5p": TPUGeneration("v5p", "TPU v5", 2, SLICES_3D, 95 * GIB, 459e12),
-    "v5litepod": TPUGeneration("v5e", "TPU v5 lite", 1, SLICES_2D, 16 * GIB, 197e12),
-    "v5e": TPUGeneration("v5e", "TPU v5 lite", 1, SLICES_2D, 16 * GIB, 197e12),
-    "v6e": TPUGeneration("v6e", "TPU v6 lite", 1, SLICES_2D, 32 * GIB, 918e12),
+    "v4": TPUGeneration("v4", "TPU v4", 2, SLICES_3D, 32 * GIB, 275e12, 1200e9, None),
+    "v5p": TPUGeneration("v5p", "TPU v5", 2, SLICES_3D, 95 * GIB, 459e12, 2765e9, 1200e9),
+    "v5litepod": TPUGeneration("v5e", "TPU v5 lite", 1, SLICES_2D, 16 * GIB, 197e12, 819e9, 400e9),
+    "v5e": TPUGeneration("v5e", "TPU v5 lite", 1, SLICES_2D, 16 * GIB, 197e12, 819e9, 400e9),
+    "v6e": TPUGeneration("v6e", "TPU v6 lite", 1, SLICES_2D, 32 * GIB, 918e12, 1638e9, 800e9),
 }
 
 # Dense bf16 FLOP/s per GPU, matched within the device kind ("NVIDIA H100 80GB HBM3").
@@ -71,6 +77,8 @@ class Target:
   topology: Optional[str]   # libtpu topology name, e.g. "v5p:4x4x8" (TPU only)
   hbm_bytes: Optional[int]  # memory per device of the real target (None for cpu:N)
   peak_flops: Optional[float] = None  # dense bf16 FLOP/s per device (None for cpu:N)
+  hbm_bandwidth: Optional[float] = None  # bytes/s per device (None for cpu:N)
+  ici_bandwidth: Optional[float] = None  # bidirectional inter-chip bytes/s per device
 
 
 def parse_topology(name: str) -> Target:
@@ -83,7 +91,7 @@ def parse_topology(name: str) -> Target:
     prefix, shape = m.groups()
     gen = next(g for g in GENERATIONS.values() if g.libtpu_name == prefix)
     return Target(name, "tpu", math.prod(int(s) for s in shape.split("x")), f"{prefix}:{shape}",
-                  gen.hbm_bytes, gen.peak_flops)
+                  gen.hbm_bytes, gen.peak_flops, gen.hbm_bandwidth, gen.ici_bandwidth)
   m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name)
   if not m:
     raise TopologyError(f"unknown topology {name!r}: use e.g. v5p-256, v4-128, v5litepod-64, "
@@ -97,4 +105,4 @@ def parse_topology(name: str) -> Target:
     raise TopologyError(f"{name}: {chips} chips has no standard slice topology; known chip counts "
                         f"{sorted(gen.slices)} (or pass a libtpu name like {gen.libtpu_name}:AxBxC)")
   return Target(name, "tpu", chips, f"{gen.libtpu_name}:{gen.slices[chips]}", gen.hbm_bytes,
-                gen.peak_flops)
+                gen.peak_flops, gen.hbm_bandwidth, gen.ici_bandwidth)

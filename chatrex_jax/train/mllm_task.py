@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   dtype = DTYPES[model_cfg.get("compute_dtype", "float32")]
   remat = model_cfg.get("remat_policy", "none")
   loss_chunks = int(model_cfg.get("loss_chunks", 0) or 0)  # see LLMConfig.loss_chunks
+  scan_unroll = int(model_cfg.get("scan_unroll", 1) or 1)   # see LLMConfig.scan_unroll
   switches = dict(train_vision_tower=model_cfg.get("train_vision_tower", True),
                   train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
   if not model_cfg.get("llm"):
@@ -40,7 +42,8 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
     config = chatrex_convert.read_config(model_cfg.init_from)
     return dataclasses.replace(
         config, llm=dataclasses.replace(config.llm, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                                        remat_policy=remat, loss_chunks=loss_chunks),
+                                        remat_policy=remat, loss_chunks=loss_chunks,
+                                        scan_unroll=scan_unroll),
         clip=dataclasses.replace(config.clip, dtype=dtype, remat=remat != "none"),
         convnext=dataclasses.replace(config.convnext, dtype=dtype), **switches)
   llm_hf = dict(model_cfg.llm)
@@ -52,7 +55,8 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   sizes = dict(llm=llm_hf, clip=dict(model_cfg.clip), convnext=dict(model_cfg.convnext),
                aux_image_size=model_cfg.aux_image_size, **switches)
   return ChatRexConfig.from_dict(sizes, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
-                                 remat_policy=remat, llm_hints={"loss_chunks": loss_chunks})
+                                 remat_policy=remat,
+                                 llm_hints={"loss_chunks": loss_chunks, "scan_unroll": scan_unroll})
 
 
 def next_token_metrics(total, hits, targets, valid, object_ids=None, dropped=None):
@@ -186,16 +190,27 @@ class ChatRexTask(TrainTask):
     return token_signature(local_batch["token_ids"])
 
   def model_flops(self, local_batch) -> float:
-    """6 x (LLM parameters without embeddings) x tokens + attention (PaLM's MFU count);
-    the vision towers are left out, so MFU is slightly conservative."""
+    """PaLM's MFU count for the LLM: per token 2 x the matmul parameters forward, 2 x backward
+    to the inputs and 2 x more for the weight gradients of layers that train (6N; 4N for a
+    frozen LLM that stage 1 back-propagates through to the projectors), attention
+    4 x layers x width x sequence per pass. The vision towers are left out (about 2% of a 7B
+    step), so MFU is slightly conservative."""
     llm = self.model_config.llm
     d, f, layers = llm.hidden_size, llm.intermediate_size, llm.num_hidden_layers
     kv = llm.num_key_value_heads * llm.dim_per_head
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * f
-    dense = layers * per_layer + d * llm.vocab_size  # + the LM head
+    layer_trains = any(self._trains(f"llm/decoder/{layer}/mlp/up_proj/kernel")   # scanned or not
+                       for layer in ("layers/layer", "layers_0"))
+    passes = 3.0 if layer_trains else 2.0
+    head = 3.0 if self._trains("llm/lm_head/kernel") else 2.0
     tokens = float(np.sum(local_batch["attention_mask"]))
     seq = local_batch["attention_mask"].shape[1]
-    return 6.0 * dense * tokens + 12.0 * layers * d * seq * tokens
+    layer_matmuls = 2 * d * d + 2 * d * kv + 3 * d * f
+    return (2.0 * tokens * (passes * layers * layer_matmuls + head * d * llm.vocab_size)
+            + passes * 4.0 * layers * d * seq * tokens)
+
+  def _trains(self, path: str) -> bool:
+    return (any(fnmatch.fnmatchcase(path, p) for p in self.trainable_patterns())
+            and not any(fnmatch.fnmatchcase(path, p) for p in self.frozen_patterns()))
 
   def tokens_in(self, local_batch) -> float:
     return float(np.sum(local_batch["attention_mask"]))
