@@ -2,7 +2,6 @@
 TPU compiler (libtpu compile-only devices), with whole-program FLOPs and the roofline bound.
 
   python -m chatrex_jax.tools.aot_table run [--rows stage2-qwen2.5-v5p-256 ...] [--compiled-costs]
-  python -m chatrex_jax.tools.aot_table refresh      # add whole-program FLOPs to older reports
   python -m chatrex_jax.tools.aot_table render       # the markdown table on stdout
   python -m chatrex_jax.tools.aot_table list         # rows and their commands
 
@@ -97,36 +96,6 @@ def run(rows: list[Row], out_dir: pathlib.Path, compiled_costs: bool = False) ->
     failed += rc not in (0, 3)
     print(f"{row.name}: {status}", flush=True)
   return 1 if failed else 0
-
-
-def refresh(rows: list[Row], out_dir: pathlib.Path) -> int:
-  """Adds the whole-program FLOPs and the roofline to reports written without them (lowering
-  only, no compile: about a minute a row)."""
-  from chatrex_jax.configs import load_config
-  from chatrex_jax.tools import aot, roofline
-  for row in rows:
-    path = out_dir / f"{row.name}.json"
-    if not path.exists():
-      continue
-    r = json.loads(path.read_text())
-    if r.get("program_cost_per_device") and r.get("roofline"):
-      continue
-    config = load_config(row.config_name, [o[len("--config."):] for o in row.overrides()])
-    target = parse_topology(row.topology)
-    devices = aot.target_devices(target, "tpu")[0]
-    n = len(devices)
-    lowered, trainer, state, batch, _ = aot.lower_train_step(config, devices)
-    whole = aot.lower_train_step(roofline.whole_program_config(config), devices)[0]
-    r["program_cost_reported_per_device"] = roofline.program_cost(lowered, n)
-    r["program_cost_per_device"] = roofline.program_cost(whole, n)
-    r["flops_per_step"] = r["program_cost_per_device"]["flops"]
-    r["roofline"] = roofline.roofline(
-        r["program_cost_per_device"], r["cost_per_device"] if r.get("loop_correction") else None,
-        aot.model_flops_per_device(trainer, batch, n) or 0.0, target,
-        r["collective_bytes_per_device_estimate"])
-    path.write_text(json.dumps(r, indent=1) + "\n")
-    print(f"{row.name}: {r['flops_per_step'] / 1e12:.1f} TFLOP per chip, whole program", flush=True)
-  return 0
 
 
 # ------------------------------------------------------------------------------------- render
@@ -224,7 +193,7 @@ def render(reports: dict[str, dict]) -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m chatrex_jax.tools.aot_table", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("action", choices=("run", "render", "list", "refresh"))
+  p.add_argument("action", choices=("run", "render", "list"))
   p.add_argument("--rows", nargs="*", help="row names (default: the whole grid)")
   p.add_argument("--dir", type=pathlib.Path, default=DEFAULT_DIR, help="reports folder")
   p.add_argument("--compiled-costs", action="store_true",
@@ -239,8 +208,6 @@ def main(argv=None) -> int:
   if args.action == "render":
     print(render(load(args.dir)), end="")
     return 0
-  if args.action == "refresh":
-    return refresh(rows, args.dir)
   return run(rows, args.dir, args.compiled_costs)
 
 
