@@ -28,22 +28,25 @@ def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
   return value, loc, attn.reshape(b, q, n, len(SHAPES), p)
 
 
+# query_chunk 4 of 9 queries: two whole blocks and a padded third.
+@pytest.mark.parametrize("query_chunk", [None, 4])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_forward_matches_grid_sample(seed, highest_precision):
+def test_forward_matches_grid_sample(seed, query_chunk, highest_precision):
   value, loc, attn = make_inputs(seed)
   want = torch_ms_deform_attn_core(torch.from_numpy(value), SHAPES, torch.from_numpy(loc),
                                    torch.from_numpy(attn)).numpy()
-  got = np.asarray(jax.jit(ms_deform_attn, static_argnums=1)(value, SHAPES, loc, attn))
+  got = np.asarray(jax.jit(ms_deform_attn, static_argnums=(1, 4))(value, SHAPES, loc, attn, query_chunk))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-def test_gradients_match_grid_sample(highest_precision):
+@pytest.mark.parametrize("query_chunk", [None, 4])
+def test_gradients_match_grid_sample(query_chunk, highest_precision):
   value, loc, attn = make_inputs(3, exact_integers=True)
   cot = np.random.default_rng(4).standard_normal((2, 9, 8)).astype(np.float32)
   tv, tl, ta = (torch.from_numpy(x).requires_grad_(True) for x in (value, loc, attn))
   (torch_ms_deform_attn_core(tv, SHAPES, tl, ta) * torch.from_numpy(cot)).sum().backward()
-  grads = jax.grad(lambda v, l, a: jnp.sum(ms_deform_attn(v, SHAPES, l, a) * cot), argnums=(0, 1, 2))(
+  grads = jax.grad(lambda v, l, a: jnp.sum(ms_deform_attn(v, SHAPES, l, a, query_chunk) * cot), argnums=(0, 1, 2))(
       value, loc, attn)
   for name, g, t in zip(("value", "locations", "weights"), grads, (tv, tl, ta)):
     want = t.grad.numpy()
@@ -64,3 +67,5 @@ def test_bad_shapes_raise_clear_errors():
     ms_deform_attn(value, SHAPES[:2] + ((3, 3),), loc, attn)
   with pytest.raises(ValueError, match="attention_weights"):
     ms_deform_attn(value, SHAPES, loc, attn[..., :1])
+  with pytest.raises(ValueError, match="query_chunk"):
+    ms_deform_attn(value, SHAPES, loc, attn, query_chunk=0)

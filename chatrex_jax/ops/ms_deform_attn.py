@@ -6,18 +6,25 @@ bilinearly sample the value map at a normalised location with
 `grid_sample(bilinear, padding_mode="zeros", align_corners=False)` semantics, weight the
 samples by the attention weights and sum over levels and points.
 
-Implementation: per (static) level the value map is flattened to [B*N, H_l*W_l, C]; the four
-bilinear corners of every sampling location become flat indices, out-of-map corners get weight
-0 (zero padding), and one `take_along_axis` gathers them. The corner weights, the validity mask
-and the attention weight are multiplied into one weight per gathered row and reduced in the
-same expression, so XLA fuses gather, multiply and sum. Only the levels are a Python loop.
-Corner weights are computed from each corner's own offset (see `bilinear_gather`) so that XLA
-recomputing a coordinate in two fusions cannot pair one floor's corners with another's weights.
+Axes: B batch, S value tokens (all levels), N heads, C channels per head, G = B * N,
+Q queries, L levels, P points per level.
 
-Memory: XLA materialises the gathered rows per level ([B*N, Q*P*4, C] fp32); at encoder scale
-(every token a query) that is more than PyTorch's grid_sample path (benchmarks/upn.py:
-~1.8 GB vs ~1.3 GB for a 512x512 image). Gathering one corner at a time was measured to be
-slower and larger (XLA keeps all four), so it is not done.
+Implementation:
+- Each level's value map is copied once, head-major and channels-last, with a zero border
+  (`pad_levels`: [G, H + 3, W + 3, C]; one pixel before, two after). The border is
+  grid_sample's zero padding, so no corner needs a validity mask, and the four bilinear
+  corners of a sample are one 2 x 2 x C window that a single gather index addresses (two
+  contiguous runs of 2C floats instead of four scattered rows).
+- The corner weights are the tent function of each corner's distance to the sample point, and
+  the floor that places the window goes through an optimisation barrier, so that the gather
+  and the weights use the same floor even if XLA recomputes the coordinate in two fusions
+  (an FMA-contracted copy that rounds across an integer otherwise moves a whole unit of
+  weight to the neighbouring pixel: seen in the full UPN jit).
+- Queries are processed in blocks of `query_chunk` (a `lax.map`), so the gathered windows of
+  one block ([G, chunk * P, 2, 2, C] per level) are all that is ever materialised. Without
+  blocks, the encoder (every token a query) gathered 6.2 GB at 800 x 1129; with 1024-query
+  blocks the op's peak is the inputs plus a few tens of MB, and the windows of a block stay in
+  cache for the weighted sum (`benchmarks/upn.py`).
 
 Everything runs in float32 (PyTorch disables autocast for this op). The function is
 differentiable with respect to `value`, `sampling_locations` and `attention_weights`
@@ -27,9 +34,18 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from jax import lax
 import jax.numpy as jnp
 
 SpatialShapes = Sequence[tuple[int, int]]
+
+# Queries per block: 512-4096 measured within 15% of each other at the UPN-L encoder size.
+DEFAULT_QUERY_CHUNK = 1024
+
+# The window gather: operand [G, H+3, W+3, C], starts [G, K, 2] (y, x) -> [G, K, 2, 2, C].
+_WINDOW = lax.GatherDimensionNumbers(offset_dims=(2, 3, 4), collapsed_slice_dims=(),
+                                     start_index_map=(1, 2), operand_batching_dims=(0,),
+                                     start_indices_batching_dims=(0,))
 
 
 def level_start_index(spatial_shapes: SpatialShapes) -> tuple[int, ...]:
@@ -62,70 +78,93 @@ def _check(value, spatial_shapes, sampling_locations, attention_weights):
     raise ValueError(f"spatial shapes {list(spatial_shapes)} cover {total} tokens, value has {s}")
 
 
-def bilinear_gather(value_l: jnp.ndarray, height: int, width: int, loc: jnp.ndarray,
-                    weight: jnp.ndarray) -> jnp.ndarray:
+def pad_levels(value: jnp.ndarray, spatial_shapes: SpatialShapes) -> list[jnp.ndarray]:
+  """[B, S, N, C] -> per level [G, H + 3, W + 3, C]: head-major maps with a zero border of one
+  pixel before and two after (a window starting at the last clipped coordinate stays inside)."""
+  b, s, n, c = value.shape
+  value = value.transpose(0, 2, 1, 3).reshape(b * n, s, c)
+  return [jnp.pad(value[:, start:start + h * w].reshape(b * n, h, w, c),
+                  ((0, 0), (1, 2), (1, 2), (0, 0)))
+          for (h, w), start in zip(spatial_shapes, level_start_index(spatial_shapes))]
+
+
+def bilinear_windows(padded: jnp.ndarray, height: int, width: int, loc: jnp.ndarray,
+                     weight: jnp.ndarray) -> jnp.ndarray:
   """Weighted bilinear samples of one level, summed over the points of each query.
 
-  value_l: [G, H*W, C] float32 (G = batch * heads), row-major (y, x).
+  padded: [G, H+3, W+3, C] float32 from `pad_levels`.
   loc: [G, Q, P, 2] float32 normalised (x, y), 0 = left/top edge, 1 = right/bottom edge.
   weight: [G, Q, P] float32 attention weights.
-  returns: [G, Q, C] = sum_p weight * grid_sample(value_l, 2 * loc - 1).
+  returns: [G, Q, C] = sum_p weight * grid_sample(map, 2 * loc - 1).
   """
   g, q, p, _ = loc.shape
   # grid_sample's unnormalisation for align_corners=False: ((g + 1) * size - 1) / 2.
   grid = loc * 2 - 1
   x = ((grid[..., 0] + 1) * width - 1) / 2
   y = ((grid[..., 1] + 1) * height - 1) / 2
-  # Far-away points sample nothing; clipping keeps the integer casts in range and changes no
-  # value (all four corners are outside either way) and no gradient (both are zero there).
-  x = jnp.clip(x, -2.0, width + 1.0)
-  y = jnp.clip(y, -2.0, height + 1.0)
-  x0 = jnp.floor(x)
-  y0 = jnp.floor(y)
-  # Corner order: nw, ne, sw, se.
-  cx = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)
-  cy = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
-  # Weights from each corner's own offset: low corners 1 - (x - cx), high corners
-  # 1 - (cx - x), clamped at 0. They equal the bilinear weights (x0 + 1 - x, x - x0), with the
-  # same derivatives (-1 / +1, also at integer x), and stay right even if XLA evaluates `x` in
-  # two fusions that differ by an ulp (FMA contraction): with weights taken from a separate
-  # floor, a coordinate just below an integer in one copy and on it in the other moved a whole
-  # unit of weight to the neighbouring column (seen in the full UPN jit).
-  tx = 1.0 - jnp.asarray([1.0, -1.0, 1.0, -1.0], jnp.float32) * (x[..., None] - cx)
-  ty = 1.0 - jnp.asarray([1.0, 1.0, -1.0, -1.0], jnp.float32) * (y[..., None] - cy)
-  wx = jnp.where(tx >= 0, tx, 0.0)
-  wy = jnp.where(ty >= 0, ty, 0.0)
-  valid = (cx >= 0) & (cx <= width - 1) & (cy >= 0) & (cy <= height - 1)
-  w = jnp.where(valid, wx * wy, 0.0) * weight[..., None]                # [G, Q, P, 4]
-  ix = jnp.clip(cx, 0, width - 1).astype(jnp.int32)
-  iy = jnp.clip(cy, 0, height - 1).astype(jnp.int32)
-  flat = (iy * width + ix).reshape(g, q * p * 4, 1)
-  rows = jnp.take_along_axis(value_l, flat, axis=1, mode="clip")         # [G, Q*P*4, C]
-  rows = rows.reshape(g, q, p * 4, value_l.shape[-1])
-  return jnp.sum(rows * w.reshape(g, q, p * 4, 1), axis=2)
+  # A sample left of -1 or right of `width` has both corners in the border: clipping there
+  # changes no value (zero) and no gradient (zero in grid_sample too). `where` keeps the
+  # gradient at exactly -1, where corner 0 is inside the map.
+  x = jnp.where(x < -1.0, -1.0, jnp.where(x > width, float(width), x))
+  y = jnp.where(y < -1.0, -1.0, jnp.where(y > height, float(height), y))
+  x0, y0 = lax.optimization_barrier((jnp.floor(x), jnp.floor(y)))
+  # Tent weights of the window's corners (columns x0, x0 + 1; rows y0, y0 + 1). `where`, not
+  # `maximum`: on a pixel centre a weight is exactly 0 and must keep grid_sample's one-sided
+  # derivative (1), where `maximum` would split a tie's gradient in half.
+  tent = lambda t: jnp.where(t >= 0, t, 0.0)
+  wx0 = tent(1.0 - (x - x0))
+  wx1 = tent(1.0 - (x0 + 1.0 - x))
+  wy0 = tent(1.0 - (y - y0)) * weight
+  wy1 = tent(1.0 - (y0 + 1.0 - y)) * weight
+  corner_weights = jnp.stack([wy0 * wx0, wy0 * wx1, wy1 * wx0, wy1 * wx1], axis=-1)  # [G, Q, P, 4]
+  # Border offset +1: map pixel (y0, x0) is padded pixel (y0 + 1, x0 + 1).
+  starts = jnp.stack([y0 + 1, x0 + 1], axis=-1).astype(jnp.int32).reshape(g, q * p, 2)
+  windows = lax.gather(padded, starts, _WINDOW, slice_sizes=(1, 2, 2, padded.shape[-1]),
+                       mode=lax.GatherScatterMode.PROMISE_IN_BOUNDS)        # [G, Q*P, 2, 2, C]
+  windows = windows.reshape(g, q, p * 4, padded.shape[-1])
+  return jnp.sum(windows * corner_weights.reshape(g, q, p * 4, 1), axis=2)
 
 
 def ms_deform_attn(value: jnp.ndarray, spatial_shapes: SpatialShapes,
-                   sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray) -> jnp.ndarray:
+                   sampling_locations: jnp.ndarray, attention_weights: jnp.ndarray,
+                   query_chunk: int | None = DEFAULT_QUERY_CHUNK) -> jnp.ndarray:
   """Multi-scale deformable attention core.
 
   value: [B, S, N, C] float, S = sum_l H_l * W_l (levels concatenated, each row-major).
   spatial_shapes: static ((H_0, W_0), ..., (H_{L-1}, W_{L-1})) Python ints.
   sampling_locations: [B, Q, N, L, P, 2] normalised (x, y) in the [0, 1] frame of each level.
   attention_weights: [B, Q, N, L, P] (softmaxed over L * P by the caller).
+  query_chunk: queries per block (None: one block).
   returns: [B, Q, N * C] float32, heads concatenated head-major.
   """
   spatial_shapes = tuple((int(h), int(w)) for h, w in spatial_shapes)
   _check(value, spatial_shapes, sampling_locations, attention_weights)
-  b, s, n, c = value.shape
+  if query_chunk is not None and query_chunk < 1:
+    raise ValueError(f"query_chunk must be a positive number of queries or None, got {query_chunk}")
+  b, _, n, c = value.shape
   q, n_levels, p = sampling_locations.shape[1], sampling_locations.shape[3], sampling_locations.shape[4]
-  value = value.astype(jnp.float32).transpose(0, 2, 1, 3).reshape(b * n, s, c)
+  padded = pad_levels(value.astype(jnp.float32), spatial_shapes)
   loc = sampling_locations.astype(jnp.float32).transpose(0, 2, 3, 1, 4, 5).reshape(
       b * n, n_levels, q, p, 2)
   attn = attention_weights.astype(jnp.float32).transpose(0, 2, 3, 1, 4).reshape(
       b * n, n_levels, q, p)
-  out = None
-  for lvl, ((h, w), start) in enumerate(zip(spatial_shapes, level_start_index(spatial_shapes))):
-    sampled = bilinear_gather(value[:, start:start + h * w], h, w, loc[:, lvl], attn[:, lvl])
-    out = sampled if out is None else out + sampled
+
+  def block(loc, attn):  # [G, L, q, P, 2], [G, L, q, P] -> [G, q, C]
+    out = None
+    for lvl, (h, w) in enumerate(spatial_shapes):
+      sampled = bilinear_windows(padded[lvl], h, w, loc[:, lvl], attn[:, lvl])
+      out = sampled if out is None else out + sampled
+    return out
+
+  if query_chunk is None or q <= query_chunk:
+    out = block(loc, attn)
+  else:
+    blocks = -(-q // query_chunk)
+    pad = blocks * query_chunk - q   # padded queries sample (0, 0) with weight 0; dropped below
+    loc = jnp.pad(loc, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+    attn = jnp.pad(attn, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    loc = jnp.moveaxis(loc.reshape(b * n, n_levels, blocks, query_chunk, p, 2), 2, 0)
+    attn = jnp.moveaxis(attn.reshape(b * n, n_levels, blocks, query_chunk, p), 2, 0)
+    out = lax.map(lambda xs: block(*xs), (loc, attn))                      # [blocks, G, chunk, C]
+    out = jnp.moveaxis(out, 0, 1).reshape(b * n, blocks * query_chunk, c)[:, :q]
   return out.reshape(b, n, q, c).transpose(0, 2, 1, 3).reshape(b, q, n * c)
