@@ -10,8 +10,9 @@ Axes: B batch, S value tokens (all levels), N heads, C channels per head, G = B 
 Q queries, L levels, P points per level.
 
 Implementation:
-- Each level's value map is copied once, head-major and channels-last, with a zero border
-  (`pad_levels`: [G, H + 3, W + 3, C]; one pixel before, two after). The border is
+- Each level's value map is laid out head-major and channels-last, with a zero border
+  (`pad_levels`: [G, H + 3, W + 3, C]; one pixel before, two after; XLA fuses this into the
+  gathers when there is a single query block, and copies once otherwise). The border is
   grid_sample's zero padding, so no corner needs a validity mask, and the four bilinear
   corners of a sample are one 2 x 2 x C window that a single gather index addresses (two
   contiguous runs of 2C floats instead of four scattered rows).
