@@ -28,8 +28,8 @@ def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
   return value, loc, attn.reshape(b, q, n, len(SHAPES), p)
 
 
-# query_chunk 4 of 9 queries: two whole blocks and a padded third.
-@pytest.mark.parametrize("query_chunk", [None, 4])
+# 9 queries: query_chunk 3 makes 3 blocks of 3; 5 makes 2 blocks of 5, one query padded.
+@pytest.mark.parametrize("query_chunk", [None, 3, 5])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_forward_matches_grid_sample(seed, query_chunk, highest_precision):
   value, loc, attn = make_inputs(seed)
@@ -40,7 +40,7 @@ def test_forward_matches_grid_sample(seed, query_chunk, highest_precision):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("query_chunk", [None, 4])
+@pytest.mark.parametrize("query_chunk", [None, 3, 5])
 def test_gradients_match_grid_sample(query_chunk, highest_precision):
   value, loc, attn = make_inputs(3, exact_integers=True)
   cot = np.random.default_rng(4).standard_normal((2, 9, 8)).astype(np.float32)

@@ -280,7 +280,7 @@ class ConvNeXtBlock(nn.Module):
     dt = cfg.dtype
 
     def mlp(v):  # [..., C] -> [..., C]; LayerNorm statistics in fp32 (two-pass variance)
-      # One 2-d matmul per layer (as the UPN's FlatDense): XLA:CPU plans less scratch memory
+      # One 2-d matmul per layer (as layers.Projection): XLA:CPU plans less scratch memory
       # for it than for [B, Y, X, C] inputs (ConvNeXt-L at 768: 531 instead of 624 MB peak).
       lead = v.shape[:-1]
       v32 = v.reshape(-1, c).astype(jnp.float32)

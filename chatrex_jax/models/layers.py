@@ -32,6 +32,7 @@ class Projection(nn.Module):
   out_names: Sequence[str | None]
   use_bias: bool = True
   kernel_init: Any = None  # default: lecun-normal style variance over the contracted axes
+  bias_init: Any = nn.initializers.zeros
   std: float | None = None  # a plain normal(std) init instead (HF-style LLM init)
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
@@ -66,7 +67,7 @@ class Projection(nn.Module):
                 precision=self.precision, preferred_element_type=self.out_dtype)
     y = y.reshape(lead + features)
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, tuple(self.out_names)),
+      bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, tuple(self.out_names)),
                         features, self.param_dtype)
       y = y + bias.astype(y.dtype)
     return y

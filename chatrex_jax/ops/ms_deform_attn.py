@@ -24,8 +24,8 @@ Implementation:
 - Queries are processed in blocks of `query_chunk` (a `lax.map`), so the gathered windows of
   one block ([G, chunk * P, 2, 2, C] per level) are all that is ever materialised. Without
   blocks, the encoder (every token a query) gathered 6.2 GB at 800 x 1129; with 1024-query
-  blocks the op's peak is the inputs plus a few tens of MB, and the windows of a block stay in
-  cache for the weighted sum (`benchmarks/upn.py`).
+  blocks the op's peak is the inputs plus a few tens of MB (`benchmarks/upn.py`: 0.33-0.40 GB
+  in all, against PyTorch's 4.5 GB).
 
 Everything runs in float32 (PyTorch disables autocast for this op). The function is
 differentiable with respect to `value`, `sampling_locations` and `attention_weights`
@@ -160,12 +160,14 @@ def ms_deform_attn(value: jnp.ndarray, spatial_shapes: SpatialShapes,
   if query_chunk is None or q <= query_chunk:
     out = block(loc, attn)
   else:
+    # Equal blocks of at most query_chunk: fewer than `blocks` padded queries in all.
     blocks = -(-q // query_chunk)
-    pad = blocks * query_chunk - q   # padded queries sample (0, 0) with weight 0; dropped below
+    size = -(-q // blocks)
+    pad = blocks * size - q   # padded queries sample (0, 0) with weight 0; dropped below
     loc = jnp.pad(loc, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
     attn = jnp.pad(attn, ((0, 0), (0, 0), (0, pad), (0, 0)))
-    loc = jnp.moveaxis(loc.reshape(b * n, n_levels, blocks, query_chunk, p, 2), 2, 0)
-    attn = jnp.moveaxis(attn.reshape(b * n, n_levels, blocks, query_chunk, p), 2, 0)
-    out = lax.map(lambda xs: block(*xs), (loc, attn))                      # [blocks, G, chunk, C]
-    out = jnp.moveaxis(out, 0, 1).reshape(b * n, blocks * query_chunk, c)[:, :q]
+    loc = jnp.moveaxis(loc.reshape(b * n, n_levels, blocks, size, p, 2), 2, 0)
+    attn = jnp.moveaxis(attn.reshape(b * n, n_levels, blocks, size, p), 2, 0)
+    out = lax.map(lambda xs: block(*xs), (loc, attn))                      # [blocks, G, size, C]
+    out = jnp.moveaxis(out, 0, 1).reshape(b * n, blocks * size, c)[:, :q]
   return out.reshape(b, n, q, c).transpose(0, 2, 1, 3).reshape(b, q, n * c)

@@ -14,30 +14,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from chatrex_jax.models.layers import Projection
 from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
 
 Dtype = jnp.dtype
 
 
-class FlatDense(nn.Dense):
-  """nn.Dense computed as one 2-d matmul [prod(lead), in] x [in, out]. XLA:CPU lowers a dot
-  whose input keeps two non-contracting axes (batch > 1) as a slow generic dot: the UPN-L
-  encoder FFN took 3.0 s at batch 2 against 0.99 s at batch 1 (`benchmarks/upn.py --whole`).
-  Same parameters and sums as nn.Dense; the batch axis stays major, so sharding is kept."""
-
-  def __call__(self, inputs: jnp.ndarray) -> jnp.ndarray:
-    lead = inputs.shape[:-1]
-    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
-    return y.reshape(*lead, y.shape[-1])
-
-
 def dense(features: int, name: str | None, axes: tuple[str, str] = ("embed", "mlp"), use_bias: bool = True,
           dtype: Dtype = jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
-          bias_init=nn.initializers.zeros_init()) -> nn.Dense:
-  """nn.Dense ([in, out] kernel = torch Linear weight transposed) with logical axis names."""
-  return FlatDense(features, use_bias=use_bias, dtype=dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(kernel_init, axes),
-                   bias_init=nn.with_logical_partitioning(bias_init, (axes[1],)))
+          bias_init=nn.initializers.zeros_init()) -> Projection:
+  """torch Linear as a [in, out] kernel (the torch weight transposed) and bias, with logical axis
+  names. A `Projection`: one 2-d matmul over the merged leading axes, since XLA:CPU lowers a dot
+  whose input keeps two non-contracting axes (batch > 1) as a slower generic dot (the UPN-L
+  encoder FFN took 3.0 s at batch 2 against 0.99 s at batch 1 as nn.Dense)."""
+  return Projection((features,), (axes[0],), (axes[1],), use_bias=use_bias, kernel_init=kernel_init,
+                    bias_init=bias_init, dtype=dtype, name=name)
 
 
 def layer_norm(name: str | None, eps: float = 1e-5) -> nn.LayerNorm:
