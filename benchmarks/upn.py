@@ -22,7 +22,8 @@ separately (README).
 
 Both sides get identical inputs, run after warm-up, and report the median of several runs;
 peak memory is the resident-set high-water mark above the level before each run (sampled every
-millisecond). One JSON line per case.
+millisecond). One JSON line per case; the last line is the encoder_local case with the others
+nested under "cases".
 """
 from __future__ import annotations
 
@@ -148,7 +149,7 @@ def run_case(name, q, pattern, backward, repeats, bandwidth):
 
 
 def whole_upn(batches, repeats, height=800, width=1129):
-  from measure import peak_rss_mb, reset_peak
+  from measure import median_time, peak_rss_mb, reset_peak
 
   from chatrex_jax.configs import upn_large
   from chatrex_jax.models.upn.upn import UPN, UPNConfig
@@ -169,12 +170,7 @@ def whole_upn(batches, repeats, height=800, width=1129):
       compiled = jax.jit(fn).lower(*args).compile()
       row[f"{part}_compile_s"] = time.perf_counter() - t
       out = jax.block_until_ready(compiled(*args))  # the first run is not timed
-      times = []
-      for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t)
-      row[f"{part}_s"] = statistics.median(times)
+      row[f"{part}_s"] = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
       return out
 
     measure("backbone", lambda p, x: model.apply(p, x, method=lambda m, x: m.backbone(x)),
@@ -192,6 +188,9 @@ def whole_upn(batches, repeats, height=800, width=1129):
     row["encoder_s"] = row["encode_s"] - row["backbone_s"]
     row["peak_mb"] = peak_rss_mb() - base
     row["process_peak_mb"] = peak_rss_mb()
+    # docs/architecture.md "Benchmarks output format"; no reference runs here (see above).
+    row.update(ours_s=row["full_s"], ref_s=None, speedup=None, ours_peak_mb=row["process_peak_mb"],
+               ref_peak_mb=None, max_abs_err=None)
     rows.append(row)
   return rows
 
@@ -214,11 +213,16 @@ def main():
   bandwidth = copy_bandwidth_gbs()
   tokens = sum(h * w for h, w in LEVELS)
   with jax.default_matmul_precision("highest"):
-    for case in (("encoder_local", tokens, "local", False, args.repeats),
-                 ("encoder_uniform", tokens, "uniform", False, args.repeats),
-                 ("decoder", 900, "uniform", False, 2 * args.repeats + 1),
-                 ("decoder_bwd", 900, "uniform", True, 2 * args.repeats - 1)):
-      print(json.dumps(run_case(*case, bandwidth)), flush=True)
+    results = [run_case(*case, bandwidth) for case in (
+        ("encoder_local", tokens, "local", False, args.repeats),
+        ("encoder_uniform", tokens, "uniform", False, args.repeats),
+        ("decoder", 900, "uniform", False, 2 * args.repeats + 1),
+        ("decoder_bwd", 900, "uniform", True, 2 * args.repeats - 1))]
+  for r in results:
+    print(json.dumps(r))
+  # The last line (docs/architecture.md "Benchmarks output format"): the encoder case, the
+  # others nested under "cases".
+  print(json.dumps({**results[0], "cases": results[1:]}))
 
 
 if __name__ == "__main__":
