@@ -346,16 +346,19 @@ def test_hbm_exhaustion_is_a_report_not_a_crash():
                     reason='needs the TPU compiler: pip install -e ".[tpu-aot]" (CI installs it)')
 def test_tiny_step_compiles_for_a_tpu_topology(tmp_path):
   """The TPU compiler on compile-only devices of a v5p-16 slice (8 chips, data 2 x fsdp 2 x
-  tensor 2): its memory analysis, whole-program cost and XLA's time estimate."""
+  tensor 2): its memory analysis, whole-program cost and XLA's time estimate. At 128 tokens the
+  LLM's attention is jax's Pallas flash-attention kernel (forward, and its two backward kernels)
+  under shard_map, compiled by Mosaic."""
   out = tmp_path / "r.json"
   cmd = [sys.executable, "-m", "chatrex_jax.tools.aot", "--quick", "--topology", "v5p-16",
-         "--backend", "tpu", "--report", str(out)]
+         "--backend", "tpu", "--report", str(out), "--config.data.seq_len=128"]
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   proc = subprocess.run(cmd, cwd=aot.REPO_ROOT, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["path"] == "tpu-topology" and r["device_kind"] == "TPU v5" and r["num_devices"] == 8
   assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and r["fits"] is True
+  assert r["attention_impl"] == "pallas_tpu" and r["pallas_kernels"] >= 3
   mem, a = r["memory_analysis_per_device"], r["analytic_bytes_per_device"]
   assert 0 < mem["peak_memory_in_bytes"] < 2 ** 30
   assert mem["argument_size_in_bytes"] >= a["total"]   # TPU layouts pad, never shrink

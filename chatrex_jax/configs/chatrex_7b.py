@@ -51,6 +51,9 @@ def get_config(arg: str = "stage2") -> ml_collections.ConfigDict:
   # The fused LM head + loss in 4 chunks of every row's positions: a quarter of the logits per
   # device at a time, 4 head-gradient reductions per step (LLMConfig.loss_chunks).
   c.model.loss_chunks = 4
+  # The cache-free attention: "auto" = jax's Pallas flash-attention kernel on TPU, the XLA
+  # blocks elsewhere (LLMConfig.attention_impl); "xla" / "pallas_tpu" to force one.
+  c.model.attention_impl = "auto"
   c.model.train_vision_tower = stage != "stage1"
   c.model.train_vision_tower_aux = False  # the released ConvNeXt runs under no_grad
   c.model.init_from = ""                  # official-layout checkpoint folder ("" = random init)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.models.layers import Projection
+from chatrex_jax.ops import tpu_flash_attention
 from chatrex_jax.ops.attention import causal_attention
 from chatrex_jax.ops.cross_entropy import fused_cross_entropy
 
@@ -71,8 +72,16 @@ class LLMConfig:
   # about 2^23 logits per chunk (a one-device budget). Under data parallelism every chunk's
   # head gradient is reduced across devices, so sharded runs want a few (1: all logits at once).
   loss_chunks: int = 0
+  # Attention without a cache: "xla" (ops/attention.py, any backend), "pallas_tpu" (jax's Pallas
+  # flash-attention kernel, ops/tpu_flash_attention.py: no scores in HBM), "auto" = "pallas_tpu"
+  # on the TPU backend. The kernel blocks lengths that are multiples of 128; other lengths
+  # (init's dummy inputs, short scoring calls) take the XLA path, the same maths. Compiling for
+  # TPU from a CPU host (tools/aot.py) names "pallas_tpu" itself.
+  attention_impl: str = "auto"
 
   def __post_init__(self):
+    if self.attention_impl not in ("auto", "xla", "pallas_tpu"):
+      raise ValueError(f"attention_impl must be 'auto', 'xla' or 'pallas_tpu', got {self.attention_impl!r}")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
@@ -310,7 +319,12 @@ class Attention(nn.Module):
     b, t = x.shape[:2]
     q = q.reshape(b, t, k, g, h)
     if cache is None:  # training / scoring: causal blocks, no [T, T] scores kept for backward
-      out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
+      kernel = cfg.attention_impl == "pallas_tpu" or (
+          cfg.attention_impl == "auto" and jax.default_backend() == "tpu")
+      if kernel and tpu_flash_attention.supported(t):
+        out = tpu_flash_attention.causal_attention(q, key, value, key_valid, segment_ids)
+      else:
+        out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
       return self._out_proj(out.reshape(b, t, n, h)), None
     # Decoding: the T new queries see the cache's slots before `cache_index` and the T new keys
     # (causally); the new keys and values are returned, not written here: the decoder writes

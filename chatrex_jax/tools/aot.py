@@ -385,6 +385,9 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
   info["time_s"]["compile"] = round(time.perf_counter() - t0, 2)
 
   mem = _memory_stats(compiled) if compiled is not None else {}
+  # Pallas kernels in the compiled program (Mosaic custom calls): the flash attention's, on TPU.
+  kernels = (compiled.as_text().count('custom_call_target="tpu_custom_call"')
+             if compiled is not None else None)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.trainable, state.frozen)))
   tr_dev, tr_glob = _tree_bytes_per_device(state.trainable)
   fr_dev, fr_glob = _tree_bytes_per_device(state.frozen)
@@ -449,6 +452,7 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "llm_layers": (model.get("llm") or {}).get("num_hidden_layers"),
       "scan_layers": bool(model.get("scan_layers", False)),
       "remat_policy": model.get("remat_policy", "none"),
+      "attention_impl": model.get("attention_impl", "auto"), "pallas_kernels": kernels,
       "loss_chunks": model.get("loss_chunks"),
       "compute_dtype": model.get("compute_dtype", "float32"),
       "num_params": int(num_params), "compiler_options": dict(compiler_options or {}),
@@ -491,7 +495,8 @@ def format_report(r: dict) -> str:
     return f"{b / GIB:.2f} GiB" if abs(b) >= 0.1 * GIB else f"{b / 2 ** 20:.2f} MiB"
   batch = (f"{r['global_batch']} x {r['seq_len']} tokens" if r.get("seq_len") else
            ", ".join(f"{k} {shape}" for k, (shape, _) in r["batch"].items()))
-  llm = (f"{r['llm_layers']} LLM layers (scan={r['scan_layers']}, remat={r['remat_policy']}), "
+  llm = (f"{r['llm_layers']} LLM layers (scan={r['scan_layers']}, remat={r['remat_policy']}, "
+         f"attention={r.get('attention_impl', 'auto')}), "
          if r.get("llm_layers") else "")
   lines = [f"AOT train-step compile: {r['target']} via {r['path']} ({r['num_devices']} x "
            f"{r['device_kind']}), mesh {r['mesh']}",
@@ -550,11 +555,24 @@ def run(config, target: Target, backend: str = "auto", shard_opt_state: bool = T
   devices, path, note = target_devices(target, backend)
   if path != "cpu-fake-devices":
     compiler_options = None  # the fast options are CPU-backend flags
+  if path == "tpu-topology":
+    _select_tpu_kernels(config)
   report = compile_train_step(config, target, devices, shard_opt_state=shard_opt_state,
                               compiler_options=compiler_options, correct_loops=correct_loops,
                               compiled_costs=compiled_costs)
   report["path"], report["path_note"] = path, note
   return report
+
+
+def _select_tpu_kernels(config) -> None:
+  """What `attention_impl="auto"` picks on a TPU host, for a compile from a CPU host (where the
+  backend, and so "auto", says CPU): the Pallas flash-attention kernel where it blocks the length."""
+  from chatrex_jax.ops import tpu_flash_attention
+  model, seq_len = config.model, config.data.get("seq_len")
+  if seq_len and model.get("attention_impl", "auto") == "auto":   # the MLLM (UPN has no LLM)
+    impl = "pallas_tpu" if tpu_flash_attention.supported(int(seq_len)) else "xla"
+    with config.unlocked():
+      model.attention_impl = impl
 
 
 def _reexec_with_cpu_devices(argv: list[str], n: int) -> int:

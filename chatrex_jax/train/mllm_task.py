@@ -32,6 +32,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
   remat = model_cfg.get("remat_policy", "none")
   loss_chunks = int(model_cfg.get("loss_chunks", 0) or 0)  # see LLMConfig.loss_chunks
   scan_unroll = int(model_cfg.get("scan_unroll", 1) or 1)   # see LLMConfig.scan_unroll
+  attention_impl = model_cfg.get("attention_impl", "auto")   # see LLMConfig.attention_impl
   switches = dict(train_vision_tower=model_cfg.get("train_vision_tower", True),
                   train_vision_tower_aux=model_cfg.get("train_vision_tower_aux", False))
   if not model_cfg.get("llm"):
@@ -43,7 +44,7 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
     return dataclasses.replace(
         config, llm=dataclasses.replace(config.llm, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
                                         remat_policy=remat, loss_chunks=loss_chunks,
-                                        scan_unroll=scan_unroll),
+                                        scan_unroll=scan_unroll, attention_impl=attention_impl),
         clip=dataclasses.replace(config.clip, dtype=dtype, remat=remat != "none"),
         convnext=dataclasses.replace(config.convnext, dtype=dtype), **switches)
   llm_hf = dict(model_cfg.llm)
@@ -56,7 +57,8 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
                aux_image_size=model_cfg.aux_image_size, **switches)
   return ChatRexConfig.from_dict(sizes, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
                                  remat_policy=remat,
-                                 llm_hints={"loss_chunks": loss_chunks, "scan_unroll": scan_unroll})
+                                 llm_hints={"loss_chunks": loss_chunks, "scan_unroll": scan_unroll,
+                                            "attention_impl": attention_impl})
 
 
 def next_token_metrics(total, hits, targets, valid, object_ids=None, dropped=None):
