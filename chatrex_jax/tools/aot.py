@@ -386,7 +386,7 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
 
   mem = _memory_stats(compiled) if compiled is not None else {}
   # Pallas kernels in the compiled program (Mosaic custom calls): the flash attention's, on TPU.
-  kernels = (compiled.as_text().count('custom_call_target="tpu_custom_call"')
+  kernels = (roofline_lib.declared_kernel_costs(compiled.as_text())
              if compiled is not None else None)
   num_params = sum(math.prod(x.shape) for x in jax.tree.leaves((state.trainable, state.frozen)))
   tr_dev, tr_glob = _tree_bytes_per_device(state.trainable)
@@ -452,7 +452,9 @@ def compile_train_step(config, target: Target, devices, *, shard_opt_state=True,
       "llm_layers": (model.get("llm") or {}).get("num_hidden_layers"),
       "scan_layers": bool(model.get("scan_layers", False)),
       "remat_policy": model.get("remat_policy", "none"),
-      "attention_impl": model.get("attention_impl", "auto"), "pallas_kernels": kernels,
+      "attention_impl": model.get("attention_impl", "auto"),
+      "dwconv_impl": (model.get("convnext") or {}).get("dwconv_impl", "auto"),
+      "pallas_kernels": kernels and kernels["kernels"], "pallas_declared_cost": kernels,
       "loss_chunks": model.get("loss_chunks"),
       "compute_dtype": model.get("compute_dtype", "float32"),
       "num_params": int(num_params), "compiler_options": dict(compiler_options or {}),
@@ -565,14 +567,18 @@ def run(config, target: Target, backend: str = "auto", shard_opt_state: bool = T
 
 
 def _select_tpu_kernels(config) -> None:
-  """What `attention_impl="auto"` picks on a TPU host, for a compile from a CPU host (where the
-  backend, and so "auto", says CPU): the Pallas flash-attention kernel where it blocks the length."""
+  """What the "auto" choices pick on a TPU host, for a compile from a CPU host (where the
+  backend, and so "auto", says CPU): the Pallas flash-attention kernel where it blocks the
+  length, and ConvNeXt's depthwise conv as XLA's grouped convolution (not the CPU's shifts)."""
   from chatrex_jax.ops import tpu_flash_attention
   model, seq_len = config.model, config.data.get("seq_len")
-  if seq_len and model.get("attention_impl", "auto") == "auto":   # the MLLM (UPN has no LLM)
-    impl = "pallas_tpu" if tpu_flash_attention.supported(int(seq_len)) else "xla"
-    with config.unlocked():
-      model.attention_impl = impl
+  with config.unlocked():
+    if seq_len and model.get("attention_impl", "auto") == "auto":   # the MLLM (UPN has no LLM)
+      model.attention_impl = ("pallas_tpu" if tpu_flash_attention.supported(int(seq_len))
+                              else "xla")
+    convnext = model.get("convnext")
+    if convnext is not None and convnext.get("dwconv_impl", "auto") == "auto":
+      model.convnext = {**dict(convnext), "dwconv_impl": "conv"}
 
 
 def _reexec_with_cpu_devices(argv: list[str], n: int) -> int:
