@@ -4,6 +4,12 @@ The kernel runs in Pallas's TPU interpret mode on the CPU: the same kernel code,
 structure and masking, executed by the interpreter. That it compiles for a real TPU is covered
 by the AOT compile of the tiny step for a v5p slice (tests/test_aot.py), which selects it.
 """
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
 import flax.linen as nn
 import jax
 from jax.experimental.pallas import tpu as pltpu
@@ -89,3 +95,43 @@ def test_lengths_the_kernel_cannot_block_are_refused_clearly():
   assert tfa.supported(256) and not tfa.supported(100)
   with pytest.raises(ValueError, match="divisible by 128.*attention_impl='xla'"):
     tfa.block_size(100)
+
+
+_COST_PROBE = """
+import json, os
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from chatrex_jax.ops import tpu_flash_attention as tfa
+from chatrex_jax.tools import roofline
+chip = SingleDeviceSharding(topologies.get_topology_desc("v5p:2x2x1", "tpu").devices[0])
+s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+args = (s(1, 512, 2, 2, 128), s(1, 512, 2, 128), s(1, 512, 2, 128),
+        jax.ShapeDtypeStruct((1, 512), jnp.bool_))
+loss = lambda q, k, v, m: tfa.causal_attention(q, k, v, m).astype(jnp.float32).sum()
+out = {}
+for name, fn in (("forward", loss), ("gradient", jax.grad(loss, argnums=(0, 1, 2)))):
+  compiled = jax.jit(fn, in_shardings=(chip,) * 4).lower(*args).compile()
+  out[name] = {**roofline.cost_of(compiled),
+               "declared": roofline.declared_kernel_costs(compiled.as_text())}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='needs the TPU compiler: pip install -e ".[tpu-aot]" (CI installs it)')
+def test_xla_times_the_backward_kernels_that_declare_no_cost():
+  """launch/README's flash rows rest on XLA's TPU cost model timing jax's flash kernels. Only
+  the forward kernel declares a cost; this pins that the two backward kernels, which declare
+  none, still get time in XLA's estimate (were they free, the estimate would flatter the step)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-c", _COST_PROBE], env={**env, "JAX_PLATFORMS": "cpu"},
+                        capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  forward, gradient = got["forward"], got["gradient"]
+  assert forward["declared"] == {**forward["declared"], "kernels": 1, "with_estimate": 1}
+  assert gradient["declared"]["kernels"] == 3 and gradient["declared"]["with_estimate"] == 1
+  # The backward does 3.5x the forward's matmul work; XLA gives it at least the forward's time.
+  assert gradient["optimal_seconds"] > 2.0 * forward["optimal_seconds"] > 0
