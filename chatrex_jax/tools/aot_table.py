@@ -115,16 +115,18 @@ def _xla_peak(r: dict) -> Optional[float]:
 def batch_fits(reports: dict[str, dict]) -> dict[tuple, dict]:
   """(stage, base, generation) -> {"per_row_bytes", "fixed_bytes"} from the two v5p rows: XLA's
   peak minus the arguments (parameter, optimizer and batch shards, which differ by slice) is
-  taken as fixed + per_row x per-chip batch."""
+  taken as fixed + per_row x per-chip batch. Only two rows of the same program count: the same
+  remat policy and attention (`_kernels`)."""
   fits = {}
   for stage in STAGES:
     for base in BASES:
-      pts = []
+      pts, programs = [], set()
       for topo in ("v5p-64", "v5p-256"):
         r = reports.get(Row(stage, base, topo).name)
         if r and _xla_peak(r):
           pts.append((r["global_batch"] / r["num_devices"], _xla_peak(r) - _args_bytes(r)))
-      if len(pts) == 2 and pts[0][0] != pts[1][0]:
+          programs.add(_kernels(r))
+      if len(pts) == 2 and pts[0][0] != pts[1][0] and len(programs) == 1:
         (b1, m1), (b2, m2) = pts
         per_row = (m1 - m2) / (b1 - b2)
         fits[(stage, base, "v5p")] = {"per_row_bytes": per_row, "fixed_bytes": m2 - per_row * b2}
@@ -143,9 +145,17 @@ def max_batch(r: dict, fit: Optional[dict]) -> Optional[int]:
   return int((r["hbm_bytes_per_device"] - fixed_args - fit["fixed_bytes"]) // per_row)
 
 
+def _kernels(r: dict) -> str:
+  """The remat policy and the attention the row compiled (reports before the flash kernel carry
+  no attention_impl: the XLA form)."""
+  attention = "flash (Pallas)" if r.get("attention_impl") == "pallas_tpu" else "XLA"
+  return f"{r.get('remat_policy', 'none')}, {attention}"
+
+
 def render(reports: dict[str, dict]) -> str:
   fits = batch_fits(reports)
-  head = ("| base | stage | slice | chips | mesh (data x fsdp x tensor) | global batch (per chip) | "
+  head = ("| base | stage | slice | chips | mesh (data x fsdp x tensor) | remat, attention | "
+          "global batch (per chip) | "
           "XLA peak / HBM per chip | fits | largest per-chip batch | TFLOP/step/chip (compiled "
           "count -> whole program) | step >= (bound) | MFU bound | XLA's estimate | compile |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -153,7 +163,7 @@ def render(reports: dict[str, dict]) -> str:
     r = reports.get(row.name)
     if r is None:
       lines.append(f"| {row.base} | {row.stage} | {row.topology} | | not compiled yet: "
-                   f"`python -m chatrex_jax.tools.aot_table run --rows {row.name}` | | | | | | | | | |")
+                   f"`python -m chatrex_jax.tools.aot_table run --rows {row.name}` | | | | | | | | | | |")
       continue
     m = r["mesh"]
     per_chip = r["global_batch"] / r["num_devices"]
@@ -184,7 +194,8 @@ def render(reports: dict[str, dict]) -> str:
     minutes = sum(r["time_s"].values()) / 60
     lines.append(
         f"| {row.base} | {row.stage} | {row.topology} | {r['num_devices']} | "
-        f"{m['data']} x {m['fsdp']} x {m['tensor']} | {r['global_batch']} ({per_chip:g}) | {mem} | "
+        f"{m['data']} x {m['fsdp']} x {m['tensor']} | {_kernels(r)} | "
+        f"{r['global_batch']} ({per_chip:g}) | {mem} | "
         f"{'yes' if r['fits'] else 'no'} | {best_txt} | {flops} | {bound} | {mfu} | {xla} | "
         f"{minutes:.0f} min |")
   return "\n".join(lines) + "\n"
