@@ -116,7 +116,7 @@ def batch_fits(reports: dict[str, dict]) -> dict[tuple, dict]:
   """(stage, base, generation) -> {"per_row_bytes", "fixed_bytes"} from the two v5p rows: XLA's
   peak minus the arguments (parameter, optimizer and batch shards, which differ by slice) is
   taken as fixed + per_row x per-chip batch. Only two rows of the same program count: the same
-  remat policy and attention (`_kernels`)."""
+  remat policy and attention (`_program`)."""
   fits = {}
   for stage in STAGES:
     for base in BASES:
@@ -125,7 +125,7 @@ def batch_fits(reports: dict[str, dict]) -> dict[tuple, dict]:
         r = reports.get(Row(stage, base, topo).name)
         if r and _xla_peak(r):
           pts.append((r["global_batch"] / r["num_devices"], _xla_peak(r) - _args_bytes(r)))
-          programs.add(_kernels(r))
+          programs.add(_program(r))
       if len(pts) == 2 and pts[0][0] != pts[1][0] and len(programs) == 1:
         (b1, m1), (b2, m2) = pts
         per_row = (m1 - m2) / (b1 - b2)
@@ -145,7 +145,7 @@ def max_batch(r: dict, fit: Optional[dict]) -> Optional[int]:
   return int((r["hbm_bytes_per_device"] - fixed_args - fit["fixed_bytes"]) // per_row)
 
 
-def _kernels(r: dict) -> str:
+def _program(r: dict) -> str:
   """The remat policy and the attention the row compiled (reports before the flash kernel carry
   no attention_impl: the XLA form)."""
   attention = "flash (Pallas)" if r.get("attention_impl") == "pallas_tpu" else "XLA"
@@ -194,7 +194,7 @@ def render(reports: dict[str, dict]) -> str:
     minutes = sum(r["time_s"].values()) / 60
     lines.append(
         f"| {row.base} | {row.stage} | {row.topology} | {r['num_devices']} | "
-        f"{m['data']} x {m['fsdp']} x {m['tensor']} | {_kernels(r)} | "
+        f"{m['data']} x {m['fsdp']} x {m['tensor']} | {_program(r)} | "
         f"{r['global_batch']} ({per_chip:g}) | {mem} | "
         f"{'yes' if r['fits'] else 'no'} | {best_txt} | {flops} | {bound} | {mfu} | {xla} | "
         f"{minutes:.0f} min |")
