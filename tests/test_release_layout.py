@@ -129,6 +129,26 @@ def test_stage_config_inits_from_the_release(release, stage):
     ChatRexTask(q).pretrained_params()
 
 
+def test_sizes_from_the_release_keep_the_config_switches(release):
+  """An empty `model.llm` takes every size from `init_from`; the switches stay the config's,
+  ConvNeXt's depthwise-conv lowering included (what `tools/aot` sets for a TPU compile from a
+  CPU host, where "auto" would pick the CPU's shifted sums)."""
+  from chatrex_jax.configs import load_config
+  from chatrex_jax.tools.aot import _select_tpu_kernels
+  from chatrex_jax.train.mllm_task import model_config
+  folder, config, _ = release
+  c = load_config("chatrex_7b:stage2,vicuna")
+  c.model.llm, c.model.init_from, c.model.remat_policy = {}, str(folder), "full"
+  c.data.seq_len = 2048
+  built = model_config(c.model)
+  assert (built.llm.hidden_size, built.convnext.dims) == (config.llm.hidden_size, config.convnext.dims)
+  assert (built.llm.remat_policy, built.convnext.dwconv_impl, built.llm.attention_impl) == ("full", "auto", "auto")
+  _select_tpu_kernels(c)
+  built = model_config(c.model)
+  assert built.convnext.dims == config.convnext.dims      # the checkpoint's sizes, not the config's
+  assert (built.convnext.dwconv_impl, built.llm.attention_impl) == ("conv", "pallas_tpu")
+
+
 def test_system_turn_is_an_explicit_choice(release):
   from chatrex_jax.inference.processor import ChatRexProcessor
   folder, _, _ = release

@@ -41,12 +41,15 @@ def model_config(model_cfg, vocab_size: int | None = None) -> ChatRexConfig:
                        "a checkpoint to take the architecture from")
     from chatrex_jax.convert import chatrex as chatrex_convert
     config = chatrex_convert.read_config(model_cfg.init_from)
+    # The depthwise-conv lowering is a switch, not a size: `tools/aot` names XLA's grouped conv
+    # for a TPU compile from a CPU host, where "auto" would pick the CPU's shifted sums.
+    dwconv_impl = (model_cfg.get("convnext") or {}).get("dwconv_impl", config.convnext.dwconv_impl)
     return dataclasses.replace(
         config, llm=dataclasses.replace(config.llm, dtype=dtype, scan_layers=model_cfg.get("scan_layers", False),
                                         remat_policy=remat, loss_chunks=loss_chunks,
                                         scan_unroll=scan_unroll, attention_impl=attention_impl),
         clip=dataclasses.replace(config.clip, dtype=dtype, remat=remat != "none"),
-        convnext=dataclasses.replace(config.convnext, dtype=dtype), **switches)
+        convnext=dataclasses.replace(config.convnext, dtype=dtype, dwconv_impl=dwconv_impl), **switches)
   llm_hf = dict(model_cfg.llm)
   if not llm_hf.get("vocab_size"):
     if vocab_size is None:
