@@ -83,6 +83,49 @@ def test_greedy_generation_identical_to_hf_generate(family, highest_precision):
   right_mask = np.sort(mask, axis=1)[:, ::-1].copy()
   right = generate(model, params, input_ids=right_ids, attention_mask=right_mask, sampling=sampling)
   np.testing.assert_array_equal(right.tokens, ref)
+  # Scanned layers keep one stacked cache (each step's layer slices in and out of the loop),
+  # unscanned ones a cache per layer: the same tokens.
+  scanned = dataclasses.replace(config, scan_layers=True)
+  out = generate(CausalLM(scanned), llm_convert.to_flax(state, scanned), input_ids=ids,
+                 attention_mask=mask, sampling=sampling)
+  np.testing.assert_array_equal(out.tokens, ref)
+
+
+def test_out_in_kernel_layout_is_the_same_model(highest_precision):
+  """`kernel_layout="out_in"` (torch's [out, in], the inference loaders' choice) converts from
+  torch with reshapes only, computes HF's logits and the in_out model's tokens and loss, and
+  `change_kernel_layout` / export move between the layouts exactly, scanned or not."""
+  from flax.core import meta
+
+  from chatrex_jax.models.llm import change_kernel_layout, stack_layers
+  from chatrex_jax.models.vocab import resize_vocab
+  hf, state = make_hf("qwen2", False, seed=11)   # q/k/v bias and an untied LM head
+  config, model, params = to_flax(hf, state)
+  config_o, model_o, params_o = to_flax(hf, state, kernel_layout="out_in")
+  assert params_o["decoder"]["layers_0"]["self_attn"]["o_proj"]["kernel"].shape == (64, 4, 16)
+  ids = np.random.default_rng(12).integers(1, BASE["vocab_size"], (2, 64))
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  out = model_o.apply({"params": params_o}, jnp.asarray(ids))
+  assert_close_to_scale(np.asarray(out["logits"]), ref, 1e-5, "out_in logits")
+  # the fused LM head + cross-entropy reads the [V, D] head too
+  targets, valid = jnp.asarray(ids[:, 1:]), jnp.ones((2, 63), bool)
+  loss = lambda m, p: m.apply({"params": p}, out["hidden"][:, :-1], targets, valid,
+                              method=CausalLM.token_loss)[0]
+  np.testing.assert_allclose(float(loss(model_o, params_o)), float(loss(model, params)), rtol=1e-6)
+  same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  moved_config, moved = change_kernel_layout(params, config, "out_in")
+  assert moved_config == config_o and same(moved, params_o)
+  assert same(change_kernel_layout(params_o, config_o, "in_out")[1], params)
+  scanned, scanned_o = (dataclasses.replace(c, scan_layers=True) for c in (config, config_o))
+  assert same(change_kernel_layout(stack_layers(params, 2), scanned, "out_in")[1], stack_layers(params_o, 2))
+  assert all(np.array_equal(v, state[k]) for k, v in llm_convert.to_torch(params_o, config_o))
+  sampling = SamplingConfig(max_new_tokens=16)
+  np.testing.assert_array_equal(generate(model_o, params_o, input_ids=ids[:, :20], sampling=sampling).tokens,
+                                generate(model, params, input_ids=ids[:, :20], sampling=sampling).tokens)
+  grown, grown_config = resize_vocab(params, config, 400, 16)
+  grown_o, _ = resize_vocab(params_o, config_o, 400, 16)
+  assert same(meta.unbox(grown_o), change_kernel_layout(grown, grown_config, "out_in")[1])
 
 
 def test_generation_from_embeddings_and_eos_stop():

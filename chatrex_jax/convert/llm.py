@@ -33,14 +33,18 @@ def rules(config: LLMConfig, prefix: str = "", flax_prefix: str = "") -> list[Ru
   """torch key <-> Flax path for the unscanned layout (`decoder/layers_{i}/...`)."""
   n, k = config.num_attention_heads, config.num_key_value_heads
   t, f = prefix, flax_prefix
+  if config.kernel_layout == "out_in":   # torch's own layout: reshapes only
+    to_heads, from_heads, linear = mapping.rows_to_heads, mapping.cols_to_heads, IDENTITY
+  else:
+    to_heads, from_heads, linear = mapping.linear_to_heads, mapping.heads_to_linear, LINEAR
   template = [
-      ("model.layers.{i}.self_attn.q_proj.weight", "decoder/layers_{i}/self_attn/q_proj/kernel", mapping.linear_to_heads(n)),
-      ("model.layers.{i}.self_attn.k_proj.weight", "decoder/layers_{i}/self_attn/k_proj/kernel", mapping.linear_to_heads(k)),
-      ("model.layers.{i}.self_attn.v_proj.weight", "decoder/layers_{i}/self_attn/v_proj/kernel", mapping.linear_to_heads(k)),
-      ("model.layers.{i}.self_attn.o_proj.weight", "decoder/layers_{i}/self_attn/o_proj/kernel", mapping.heads_to_linear(n)),
-      ("model.layers.{i}.mlp.gate_proj.weight", "decoder/layers_{i}/mlp/gate_proj/kernel", LINEAR),
-      ("model.layers.{i}.mlp.up_proj.weight", "decoder/layers_{i}/mlp/up_proj/kernel", LINEAR),
-      ("model.layers.{i}.mlp.down_proj.weight", "decoder/layers_{i}/mlp/down_proj/kernel", LINEAR),
+      ("model.layers.{i}.self_attn.q_proj.weight", "decoder/layers_{i}/self_attn/q_proj/kernel", to_heads(n)),
+      ("model.layers.{i}.self_attn.k_proj.weight", "decoder/layers_{i}/self_attn/k_proj/kernel", to_heads(k)),
+      ("model.layers.{i}.self_attn.v_proj.weight", "decoder/layers_{i}/self_attn/v_proj/kernel", to_heads(k)),
+      ("model.layers.{i}.self_attn.o_proj.weight", "decoder/layers_{i}/self_attn/o_proj/kernel", from_heads(n)),
+      ("model.layers.{i}.mlp.gate_proj.weight", "decoder/layers_{i}/mlp/gate_proj/kernel", linear),
+      ("model.layers.{i}.mlp.up_proj.weight", "decoder/layers_{i}/mlp/up_proj/kernel", linear),
+      ("model.layers.{i}.mlp.down_proj.weight", "decoder/layers_{i}/mlp/down_proj/kernel", linear),
       ("model.layers.{i}.input_layernorm.weight", "decoder/layers_{i}/input_layernorm/scale", IDENTITY),
       ("model.layers.{i}.post_attention_layernorm.weight", "decoder/layers_{i}/post_attention_layernorm/scale", IDENTITY),
   ]
@@ -55,7 +59,7 @@ def rules(config: LLMConfig, prefix: str = "", flax_prefix: str = "") -> list[Ru
       ("model.norm.weight", "decoder/norm/scale", IDENTITY),
   ]
   if not config.tie_word_embeddings:
-    template.append(("lm_head.weight", "lm_head/kernel", LINEAR))
+    template.append(("lm_head.weight", "lm_head/kernel", linear))
   out = mapping.expand(template, i=config.num_hidden_layers)
   return [Rule(t + r.torch_key, f + r.flax_path, r.layout, tuple(t + a for a in r.aliases)) for r in out]
 

@@ -76,6 +76,18 @@ def heads_to_linear(num_heads: int) -> Layout:
   return Layout(f"heads_to_linear({num_heads})", fwd, back)
 
 
+def rows_to_heads(num_heads: int) -> Layout:
+  """nn.Linear [N*H, D] <-> out-first per-head kernel [N, H, D] (a reshape, no transpose)."""
+  return Layout(f"rows_to_heads({num_heads})", lambda w: w.reshape(num_heads, -1, w.shape[-1]),
+                lambda k: k.reshape(-1, k.shape[-1]))
+
+
+def cols_to_heads(num_heads: int) -> Layout:
+  """Output projection nn.Linear [D, N*H] <-> out-first kernel [D, N, H] (a reshape)."""
+  return Layout(f"cols_to_heads({num_heads})", lambda w: w.reshape(w.shape[0], num_heads, -1),
+                lambda k: k.reshape(k.shape[0], -1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """torch key <-> Flax path ('a/b/c'), with the layout transform and optional aliases.

@@ -77,7 +77,7 @@ def _generate(model: CausalLM, params, embeds, mask, rng, sampling: SamplingConf
   key_valid = jnp.concatenate([mask, jnp.zeros((b, n), bool)], axis=1)
   variables = {"params": params}
   out = model.apply(variables, inputs_embeds=embeds, positions=positions, key_valid=key_valid,
-                    cache=cache, cache_index=jnp.int32(0), compute_logits=False)
+                    cache=cache, cache_index=0, compute_logits=False)   # static 0: the prefill path
   logits = model.apply(variables, out["hidden"][:, -1:], method=CausalLM.logits_from_hidden)[:, 0]
   eos = jnp.asarray(sampling.eos_ids or (-1,), jnp.int32)
   v = logits.shape[-1]

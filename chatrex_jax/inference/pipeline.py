@@ -22,6 +22,7 @@ import numpy as np
 from chatrex_jax.inference.generate import SamplingConfig, eos_ids_for, generate
 from chatrex_jax.inference.processor import ChatRexProcessor, ProcessedSample
 from chatrex_jax.models.chatrex import ChatRex, ChatRexConfig
+from chatrex_jax.models.llm import change_kernel_layout
 from chatrex_jax.protocol import grammar as parser_lib
 from chatrex_jax.protocol import tokens as C
 
@@ -47,8 +48,18 @@ def _embed(model: ChatRex, params, batch):
 
 
 class ChatRexPipeline:
+  """Processor -> ChatRex -> generation, in fixed-shape buckets.
+
+  The LLM's projections are kept in `llm_kernel_layout` (default torch's [out, in],
+  `LLMConfig.kernel_layout`): params in the other layout are re-stored once here.
+  """
+
   def __init__(self, config: ChatRexConfig, params, processor: ChatRexProcessor, *,
-               max_objects: Optional[int] = None, seq_bucket: int = 64, batch_bucket: int = 1):
+               max_objects: Optional[int] = None, seq_bucket: int = 64, batch_bucket: int = 1,
+               llm_kernel_layout: str = "out_in"):
+    if config.llm.kernel_layout != llm_kernel_layout:
+      llm_config, llm_params = change_kernel_layout(params["llm"], config.llm, llm_kernel_layout)
+      config, params = dataclasses.replace(config, llm=llm_config), {**params, "llm": llm_params}
     self.config = config
     self.params = params
     self.processor = processor
@@ -62,7 +73,7 @@ class ChatRexPipeline:
   def from_checkpoint(cls, path, *, dtype=None, seq_bucket: int = 64, batch_bucket: int = 1,
                       **processor_kwargs) -> "ChatRexPipeline":
     from chatrex_jax.convert import chatrex as chatrex_convert
-    config, params, _ = chatrex_convert.load(path, dtype=dtype)
+    config, params, _ = chatrex_convert.load(path, dtype=dtype, kernel_layout="out_in")
     processor = ChatRexProcessor.from_checkpoint(
         path, aux_size=config.aux_image_size, clip_size=config.clip.image_size, **processor_kwargs)
     return cls(config, jax.device_put(params), processor, seq_bucket=seq_bucket,

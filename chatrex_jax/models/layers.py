@@ -25,7 +25,8 @@ class Projection(nn.Module):
 
   features: output feature shape, e.g. (N, H) for per-head projections or (D,).
   in_names / out_names: logical axis names of the contracted and the output axes.
-  kernel shape = x.shape[-len(in_names):] + features.
+  kernel shape = x.shape[-len(in_names):] + features, or features + x.shape[-len(in_names):]
+  with `kernel_out_first` (torch nn.Linear's [out, in]; the same sums).
   """
   features: Sequence[int]
   in_names: Sequence[str | None]
@@ -40,6 +41,7 @@ class Projection(nn.Module):
   # dtype of the product (accumulation and result): None = `dtype`. bf16 inputs with an fp32
   # result keep the rounding to the matmul's inputs (what the MXU does anyway).
   out_dtype: Any = None
+  kernel_out_first: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,16 +57,28 @@ class Projection(nn.Module):
     else:
       init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
                                               in_axis=in_axes, out_axis=out_axes)
-    kernel = self.param("kernel", nn.with_logical_partitioning(init, tuple(self.in_names) + tuple(self.out_names)),
-                        shape, self.param_dtype)
+    names = tuple(self.in_names) + tuple(self.out_names)
+    if self.kernel_out_first:
+      n_out = len(features)
+      in_axes, out_axes = tuple(range(n_out, n_out + n_in)), tuple(range(n_out))
+      shape, names = features + tuple(in_shape), tuple(self.out_names) + tuple(self.in_names)
+      if self.kernel_init is None and self.std is None:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=in_axes, out_axis=out_axes)
+    kernel = self.param("kernel", nn.with_logical_partitioning(init, names), shape, self.param_dtype)
     # One 2-d matmul [N, prod(in)] x [prod(in), prod(features)]: the same sums, but XLA:CPU
     # lowers the backward of a multi-axis contraction as a transpose copy plus a slow generic
     # dot (a 125M LLM's MLP: 384 ms forward + backward against 261 ms flattened). The merged
     # leading axes keep the batch axis major, so a batch-sharded x stays batch-sharded.
     lead = x.shape[:x.ndim - n_in]
-    y = jnp.dot(x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape)),
-                kernel.astype(self.dtype).reshape(math.prod(in_shape), math.prod(features)),
-                precision=self.precision, preferred_element_type=self.out_dtype)
+    x2 = x.astype(self.dtype).reshape(math.prod(lead), math.prod(in_shape))
+    if self.kernel_out_first:   # x . W^T, contracting both minor axes: no transpose copy
+      y = jax.lax.dot_general(x2, kernel.astype(self.dtype).reshape(math.prod(features), math.prod(in_shape)),
+                              (((1,), (1,)), ((), ())), precision=self.precision,
+                              preferred_element_type=self.out_dtype)
+    else:
+      y = jnp.dot(x2, kernel.astype(self.dtype).reshape(math.prod(in_shape), math.prod(features)),
+                  precision=self.precision, preferred_element_type=self.out_dtype)
     y = y.reshape(lead + features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, tuple(self.out_names)),

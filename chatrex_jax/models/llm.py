@@ -28,7 +28,8 @@ from chatrex_jax.ops.attention import causal_attention
 from chatrex_jax.ops.cross_entropy import fused_cross_entropy
 
 Array = jax.Array
-Cache = dict  # {"k": [L?, B, S, K, H], "v": [L?, B, S, K, H]}
+KERNEL_LAYOUTS = ("in_out", "out_in")
+Cache = dict  # {"k", "v"}: L arrays [B, K, S, H], or one [L, B, K, S, H] (see init_cache)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +79,17 @@ class LLMConfig:
   # (init's dummy inputs, short scoring calls) take the XLA path, the same maths. Compiling for
   # TPU from a CPU host (tools/aot.py) names "pallas_tpu" itself.
   attention_impl: str = "auto"
+  # How the projection matrices are stored: "in_out" ([D_in, D_out], x . W, Flax's and the
+  # training configs' layout) or "out_in" ([D_out, D_in], torch nn.Linear's, which the inference
+  # loaders use: XLA:CPU's products of a few rows, i.e. decoding, mostly run faster against it,
+  # a 125M model's step by 12-14%; and a torch checkpoint loads without transposes).
+  kernel_layout: str = "in_out"
 
   def __post_init__(self):
     if self.attention_impl not in ("auto", "xla", "pallas_tpu"):
       raise ValueError(f"attention_impl must be 'auto', 'xla' or 'pallas_tpu', got {self.attention_impl!r}")
+    if self.kernel_layout not in KERNEL_LAYOUTS:
+      raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {self.kernel_layout!r}")
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                        f"num_key_value_heads={self.num_key_value_heads}")
@@ -289,8 +297,8 @@ class Attention(nn.Module):
   """GQA self-attention with RoPE and an optional KV cache.
 
   x [B, T, D]; positions [B, T]; key_valid [B, S] (S = T without a cache, else cache slots);
-  cache {"k","v": [B, S, K, H]}: the T new tokens go to slots cache_index..cache_index+T-1.
-  Returns (out [B, T, D], None without a cache, else the new {"k","v": [B, T, K, H]}).
+  cache {"k","v": [B, K, S, H]}: the T new tokens go to slots cache_index..cache_index+T-1.
+  Returns (out [B, T, D], None without a cache, else the updated cache).
   """
   config: LLMConfig
 
@@ -306,7 +314,7 @@ class Attention(nn.Module):
     def proj(name, heads, head_axis):  # results in fp32: RoPE rotates unrounded q / k
       return Projection((heads, h), ("embed",), (head_axis, "head_dim"), use_bias=cfg.attention_bias,
                         std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=acc,
-                        name=name)(x)
+                        kernel_out_first=cfg.kernel_layout == "out_in", name=name)(x)
 
     q = proj("q_proj", n, "heads")
     key = proj("k_proj", k, "kv_heads")
@@ -319,38 +327,59 @@ class Attention(nn.Module):
     b, t = x.shape[:2]
     q = q.reshape(b, t, k, g, h)
     if cache is None:  # training / scoring: causal blocks, no [T, T] scores kept for backward
-      kernel = cfg.attention_impl == "pallas_tpu" or (
-          cfg.attention_impl == "auto" and jax.default_backend() == "tpu")
-      if kernel and tpu_flash_attention.supported(t):
-        out = tpu_flash_attention.causal_attention(q, key, value, key_valid, segment_ids)
-      else:
-        out = causal_attention(q, key, value, key_valid, segment_ids, acc_dtype=acc)
-      return self._out_proj(out.reshape(b, t, n, h)), None
-    # Decoding: the T new queries see the cache's slots before `cache_index` and the T new keys
-    # (causally); the new keys and values are returned, not written here: the decoder writes
-    # every layer's into the layer-stacked cache at once, in place (`write_cache`). Dense
-    # scores (T is 1 per generated token). Packing (segment_ids) never comes with a cache.
-    key, value = key.astype(cache["k"].dtype), value.astype(cache["v"].dtype)
-    s = cache["k"].shape[1]
-    new_valid = jax.lax.dynamic_slice_in_dim(key_valid, cache_index, t, axis=1).astype(bool)  # [B, T]
-    cached = (jnp.arange(s) < cache_index)[None, None, :] & key_valid[:, None, :].astype(bool)
-    causal = jnp.tril(jnp.ones((t, t), bool))[None] & new_valid[:, None, :]
-    allowed = jnp.concatenate([jnp.broadcast_to(cached, (b, t, s)), causal], axis=-1)  # [B, T, S + T]
-    # Scores against the cache and against the new keys, joined for one softmax: joining the
-    # keys instead would copy the layer's whole cache every step.
-    score = lambda keys: jnp.einsum("BTKGH,BSKH->BKGTS", q, keys.astype(q.dtype), preferred_element_type=acc)
-    scores = jnp.concatenate([score(cache["k"]), score(key)], axis=-1) / acc.type(math.sqrt(h))
+      return self._out_proj(self._causal(q, key, value, key_valid, segment_ids).reshape(b, t, n, h)), None
+    write = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
+        c, new.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2)       # [B, K, S, H]
+    if isinstance(cache_index, int) and cache_index == 0:
+      # Prefill of an empty cache (a static 0): the prompt attends within itself in causal
+      # blocks, as in training, not to every slot of the cache (a [T, S] score matrix per layer).
+      out = self._causal(q, key, value, key_valid[:, :t], None)
+      return (self._out_proj(out.reshape(b, t, n, h)),
+              {"k": write(cache["k"], key), "v": write(cache["v"], value)})
+    # Decoding: the T new keys and values go into this layer's cache at `cache_index` first, in
+    # place, and the queries then attend over its slots: the valid ones up to their own. Read
+    # after the write, the old cache is dead, so XLA updates it where it lies; scoring the old
+    # cache and the new keys apart (then writing) made XLA copy every layer's cache per token.
+    # Dense scores (T is 1 per generated token). Packing (segment_ids) never comes with a cache.
+    cache = {"k": write(cache["k"], key), "v": write(cache["v"], value)}
+    slots = jnp.arange(cache["k"].shape[2])
+    allowed = key_valid[:, None, :].astype(bool) & (
+        slots[None, None, :] <= cache_index + jnp.arange(t)[None, :, None])                # [B, T, S]
+    scores = jnp.einsum("BTKGH,BKSH->BKGTS", q, cache["k"].astype(q.dtype),
+                        preferred_element_type=acc) / acc.type(math.sqrt(h))
     scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(acc).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)
-    mix = lambda p, values: jnp.einsum("BKGTS,BSKH->BTKGH", p, values.astype(cfg.dtype))
-    out = mix(probs[..., :s], cache["v"]) + mix(probs[..., s:], value)
-    return self._out_proj(out.reshape(b, t, n, h)), {"k": key, "v": value}
+    return self._out_proj(_mix_cache(probs, cache["v"], acc).reshape(b, t, n, h)), cache
+
+  def _causal(self, q, key, value, key_valid, segment_ids):
+    """Causal attention of T queries over the same T keys: [B, T, K, G, H]."""
+    cfg = self.config
+    kernel = cfg.attention_impl == "pallas_tpu" or (
+        cfg.attention_impl == "auto" and jax.default_backend() == "tpu")
+    if kernel and tpu_flash_attention.supported(q.shape[1]):
+      return tpu_flash_attention.causal_attention(q, key, value, key_valid, segment_ids)
+    return causal_attention(q, key, value, key_valid, segment_ids,
+                            acc_dtype=accumulation_dtype(cfg.dtype))
 
   def _out_proj(self, out):
     cfg = self.config
     return Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False,
                       std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                      out_dtype=accumulation_dtype(cfg.dtype), name="o_proj")(out)
+                      out_dtype=accumulation_dtype(cfg.dtype),
+                      kernel_out_first=cfg.kernel_layout == "out_in", name="o_proj")(out)
+
+
+def _mix_cache(probs: Array, v_cache: Array, acc) -> Array:
+  """probs [B, K, G, T, S], v_cache [B, K, S, H] -> [B, T, K, G, H] in probs' dtype.
+
+  One new token (T = 1) mixes the cache as a fused multiply-reduce over S: as a product it is
+  B * K GEMMs of G rows that XLA:CPU runs one by one (batch 8, 1024 slots: 2.5 ms per layer,
+  the multiply-reduce 0.6). Longer blocks (the prompt's prefill) are real GEMMs.
+  """
+  if probs.shape[3] == 1:
+    prod = probs[:, :, :, 0, :, None].astype(acc) * v_cache[:, :, None].astype(acc)  # [B, K, G, S, H]
+    return prod.sum(axis=3)[:, None].astype(probs.dtype)
+  return jnp.einsum("BKGTS,BKSH->BTKGH", probs, v_cache.astype(probs.dtype))
 
 
 @jax.checkpoint
@@ -373,7 +402,7 @@ class MLP(nn.Module):
     def dense(name, features, names):  # bf16 inputs, fp32 results (see Projection.out_dtype)
       return Projection((features,), names[:1], names[1:], use_bias=False,
                         std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        out_dtype=acc, name=name)
+                        out_dtype=acc, kernel_out_first=cfg.kernel_layout == "out_in", name=name)
     gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
     hidden = swiglu(gate, dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
@@ -381,7 +410,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, the new tokens' k / v)."""
+  """Pre-norm block: x + attn(norm(x)), then + mlp(norm(x)). Returns (x, the updated cache or None)."""
   config: LLMConfig
 
   @nn.compact
@@ -389,11 +418,11 @@ class DecoderLayer(nn.Module):
     cfg = self.config
     x = nn.with_logical_constraint(x, ("activation_batch", "activation_length", "activation_embed"))
     norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name=name)
-    attn_out, new_kv = Attention(cfg, name="self_attn")(
+    attn_out, cache = Attention(cfg, name="self_attn")(
         norm("input_layernorm")(x), positions, key_valid, segment_ids, cache, cache_index)
     x = x + attn_out
     x = x + MLP(cfg, name="mlp")(norm("post_attention_layernorm")(x))
-    return x, new_kv
+    return x, cache
 
 
 _REMAT_POLICIES = {
@@ -410,9 +439,8 @@ class _ScannedLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, cache, positions, key_valid, segment_ids, cache_index):
-    x, new_kv = self.layer_cls(self.config, name="layer")(
+    return self.layer_cls(self.config, name="layer")(
         x, cache, positions, key_valid, segment_ids, cache_index)
-    return x, new_kv
 
 
 class Decoder(nn.Module):
@@ -433,25 +461,27 @@ class Decoder(nn.Module):
     if cfg.scan_layers:
       if return_hidden_states:
         raise ValueError("return_hidden_states needs scan_layers=False")
+      # With a cache, each layer's slice goes in and its updated slice comes out (the loop
+      # rewrites the cache every step; unscanned layers update theirs in place).
       cache_axis = 0 if cache is not None else nn.broadcast
       scanned = nn.scan(
           _ScannedLayer, variable_axes={"params": 0}, split_rngs={"params": True},
           in_axes=(cache_axis, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
           out_axes=0, length=cfg.num_hidden_layers, unroll=cfg.scan_unroll,
           metadata_params={nn.PARTITION_NAME: "layers"})
-      x, new_kv = scanned(cfg, layer_cls, name="layers")(
+      x, new_cache = scanned(cfg, layer_cls, name="layers")(
           x, cache, positions, key_valid, segment_ids, cache_index)
     else:
-      new_kvs = []
+      layer_caches = []
       for i in range(cfg.num_hidden_layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c, i=i: c[i], cache)
-        x, kv = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
-                                                    segment_ids, cache_index)
-        new_kvs.append(kv)
+        layer_cache = None if cache is None else {name: cache[name][i] for name in cache}
+        x, layer_cache = layer_cls(cfg, name=f"layers_{i}")(x, layer_cache, positions, key_valid,
+                                                             segment_ids, cache_index)
+        layer_caches.append(layer_cache)
         if return_hidden_states:
           hidden_states.append(x)
-      new_kv = None if cache is None else jax.tree.map(lambda *kv: jnp.stack(kv), *new_kvs)
-    new_cache = None if cache is None else write_cache(cache, new_kv, cache_index)
+      new_cache = None if cache is None else {
+          name: tuple(c[name] for c in layer_caches) for name in cache}
     x = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype, name="norm")(x)
     if return_hidden_states:
       hidden_states[-1] = x  # HF convention: the last entry is after the final norm
@@ -475,7 +505,11 @@ class CausalLM(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.residual_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_init(cfg.initializer_range, ("vocab", "embed")))
     self.decoder = Decoder(cfg)
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and cfg.kernel_layout == "out_in":
+      self.lm_head = Projection((cfg.vocab_size,), ("embed",), ("vocab",), use_bias=False,
+                                std=cfg.initializer_range, dtype=cfg.dtype,
+                                param_dtype=cfg.param_dtype, kernel_out_first=True)
+    elif not cfg.tie_word_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=cfg.dtype,
                               param_dtype=cfg.param_dtype,
                               kernel_init=_init(cfg.initializer_range, ("embed", "vocab")))
@@ -499,7 +533,8 @@ class CausalLM(nn.Module):
     cfg = self.config
     if cfg.tie_word_embeddings:
       return self.embed_tokens.embedding.astype(cfg.dtype).T
-    return nn.unbox(self.lm_head.variables["params"]["kernel"]).astype(cfg.dtype)
+    kernel = nn.unbox(self.lm_head.variables["params"]["kernel"]).astype(cfg.dtype)
+    return kernel.T if cfg.kernel_layout == "out_in" else kernel
 
   def token_loss(self, h: Array, targets: Array, valid: Array) -> tuple[Array, Array]:
     """Next-token cross-entropy from final hidden states, the logits never materialised.
@@ -547,23 +582,54 @@ class CausalLM(nn.Module):
     return out
 
 
-def write_cache(cache: Cache, new_kv: Cache, cache_index: Array) -> Cache:
-  """The T new tokens' keys and values {"k","v": [L, B, T, K, H]} written into the cache
-  {"k","v": [L, B, S, K, H]} at slot `cache_index`: one in-place update per step, where
-  rebuilding the cache from per-layer copies would move all of it every generated token."""
-  return jax.tree.map(
-      lambda c, kv: jax.lax.dynamic_update_slice_in_dim(c, kv.astype(c.dtype), cache_index, axis=2),
-      cache, new_kv)
-
-
 def init_cache(config: LLMConfig, batch: int, length: int, dtype=None) -> Cache:
-  """Zero KV cache {"k","v": [L, B, S, K, H]} (layer-stacked for both scanned and unscanned)."""
-  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.dim_per_head)
+  """Zero KV cache {"k","v"}: one [B, K, S, H] array per layer (a tuple), or, for scanned
+  layers, one [L, B, K, S, H] array (`lax.scan` slices its layer axis).
+
+  Head-major: [B, K, S, H] is the operand layout of the decode step's score and mix products
+  (batch axes B, K leading), and a layer's own array needs no slice of a stacked one, so an
+  unscanned step writes each layer's new keys in place and copies nothing; the stacked
+  [L, B, S, K, H] was sliced and transposed for every layer and token."""
+  shape = (batch, config.num_key_value_heads, length, config.dim_per_head)
   dtype = dtype or config.dtype
-  return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if config.scan_layers:
+    return {name: jnp.zeros((config.num_hidden_layers,) + shape, dtype) for name in ("k", "v")}
+  return {name: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+          for name in ("k", "v")}
 
 
 # ----------------------------------------------------------------------------- layouts
+
+# Contracted (input) axes of each projection's kernel: o_proj reads (heads, head_dim).
+_KERNEL_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
+                   "down_proj": 1, "lm_head": 1}
+
+
+def change_kernel_layout(params: dict, config: LLMConfig, layout: str) -> tuple[LLMConfig, dict]:
+  """`params` of `config` re-stored in `layout` ("in_out" | "out_in", `LLMConfig.kernel_layout`),
+  scanned or unscanned: (the config with that layout, new params). Every projection kernel's
+  input axes move behind its output axes, or back; nothing else changes."""
+  from flax.core import meta
+  if layout not in KERNEL_LAYOUTS:
+    raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
+  if layout == config.kernel_layout:
+    return config, params
+
+  def move(path, x):
+    names = [str(getattr(k, "key", k)) for k in path]
+    if names[-1] != "kernel" or len(names) < 2 or names[-2] not in _KERNEL_IN_AXES:
+      return x
+    n_in, lead, nd = _KERNEL_IN_AXES[names[-2]], int("layers" in names), np.ndim(x)  # scanned: L first
+    if layout == "out_in":    # [L?, in..., out...] -> [L?, out..., in...]
+      perm = [*range(lead), *range(lead + n_in, nd), *range(lead, lead + n_in)]
+    else:                     # [L?, out..., in...] -> [L?, in..., out...]
+      perm = [*range(lead), *range(nd - n_in, nd), *range(lead, nd - n_in)]
+    if isinstance(x, jax.Array):
+      return jnp.transpose(x, perm)
+    return np.ascontiguousarray(np.transpose(x, perm))
+  return (dataclasses.replace(config, kernel_layout=layout),
+          jax.tree_util.tree_map_with_path(move, meta.unbox(params)))
+
 
 def stack_layers(params: dict, num_layers: int) -> dict:
   """Unscanned (`decoder/layers_{i}/...`) -> scanned (`decoder/layers/layer/...`, leading L axis)."""
