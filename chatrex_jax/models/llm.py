@@ -298,6 +298,8 @@ class Attention(nn.Module):
 
   x [B, T, D]; positions [B, T]; key_valid [B, S] (S = T without a cache, else cache slots);
   cache {"k","v": [B, K, S, H]}: the T new tokens go to slots cache_index..cache_index+T-1.
+  A Python int 0 as cache_index (static) says the cache is empty: the prefill path, where the
+  T tokens attend among themselves in causal blocks; a traced index scores every slot.
   Returns (out [B, T, D], None without a cache, else the updated cache).
   """
   config: LLMConfig
