@@ -128,6 +128,40 @@ def test_out_in_kernel_layout_is_the_same_model(highest_precision):
   assert same(meta.unbox(grown_o), change_kernel_layout(grown, grown_config, "out_in")[1])
 
 
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 33, 96])
+def test_out_in_projection_every_row_count(rows, highest_precision):
+  """An [out, in] kernel gives the [in, out] kernel's product and gradient at every row count:
+  up to `KERNEL_FIRST_MAX_ROWS` rows (decoding) it is the product's left operand."""
+  from chatrex_jax.models.layers import Projection
+  rng = np.random.default_rng(rows)
+  x = jnp.asarray(rng.standard_normal((rows, 2, 24), np.float32))  # [rows, heads, head_dim]
+  kernel = rng.standard_normal((2, 24, 40), np.float32)              # [heads, head_dim, out]
+  bias = rng.standard_normal((40,), np.float32)
+  in_out = Projection((40,), ("heads", "kv"), ("embed",))
+  out_in = Projection((40,), ("heads", "kv"), ("embed",), kernel_out_first=True)
+  p_io = {"params": {"kernel": jnp.asarray(kernel), "bias": jnp.asarray(bias)}}
+  p_oi = {"params": {"kernel": jnp.asarray(np.moveaxis(kernel, 2, 0)), "bias": jnp.asarray(bias)}}
+  ref = np.einsum("rhd,hdo->ro", np.asarray(x, np.float64), kernel) + bias
+  for module, p in ((in_out, p_io), (out_in, p_oi)):
+    assert_close_to_scale(np.asarray(module.apply(p, x)), ref, 1e-5, f"{rows} rows")
+    grad = jax.grad(lambda x, m=module, p=p: jnp.sum(jnp.sin(m.apply(p, x))))(x)
+    assert_close_to_scale(np.asarray(grad), np.einsum("ro,hdo->rhd", np.cos(ref), kernel), 1e-5,
+                          f"gradient at {rows} rows")
+
+
+@pytest.mark.parametrize("batch", [1, 8, 40])
+def test_tied_lm_head_at_every_batch(batch, highest_precision):
+  """The tied head (the embedding as an [out, in] kernel) gives HF's logits for one decode
+  step's rows: the embedding is the product's left operand from 2 to 32 rows."""
+  hf, state = make_hf("llama", True, seed=13)
+  config, model, params = to_flax(hf, state)
+  h = np.random.default_rng(batch).standard_normal((batch, 1, config.hidden_size)).astype(np.float32)
+  with torch.no_grad():
+    ref = hf.lm_head(torch.from_numpy(h)).numpy()
+  got = model.apply({"params": params}, jnp.asarray(h), method=CausalLM.logits_from_hidden)
+  assert_close_to_scale(np.asarray(got), ref, 1e-5, f"tied head logits at batch {batch}")
+
+
 def test_generation_from_embeddings_and_eos_stop():
   hf, state = make_hf("qwen2", False, seed=5)
   config, model, params = to_flax(hf, state)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from chatrex_jax.models.layers import Projection
+from chatrex_jax.models.layers import Projection, dot_out_in
 from chatrex_jax.ops import tpu_flash_attention
 from chatrex_jax.ops.attention import causal_attention
 from chatrex_jax.ops.cross_entropy import fused_cross_entropy
@@ -523,9 +523,10 @@ class CausalLM(nn.Module):
     cfg = self.config
     # bf16 inputs, fp32 (accumulation dtype) outputs: logits of ~40 rounded to bf16 would move
     # by up to 0.125 (most of bf16's KL to fp32), so the product is never rounded to bf16.
-    if cfg.tie_word_embeddings:  # the embedding's transpose
-      logits = jnp.dot(h.astype(cfg.dtype), self.embed_tokens.embedding.astype(cfg.dtype).T,
-                       preferred_element_type=accumulation_dtype(cfg.dtype))
+    if cfg.tie_word_embeddings:  # the embedding [V, D] is an [out, in] kernel
+      logits = dot_out_in(h.astype(cfg.dtype).reshape(-1, h.shape[-1]),
+                          self.embed_tokens.embedding.astype(cfg.dtype),
+                          out_dtype=accumulation_dtype(cfg.dtype)).reshape(*h.shape[:-1], -1)
     else:
       logits = self.lm_head(h)
     return nn.with_logical_constraint(logits, ("activation_batch", "activation_length", "activation_vocab"))
