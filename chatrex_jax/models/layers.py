@@ -92,7 +92,8 @@ class Projection(nn.Module):
 # 576 -> 1536 -> 576 projections takes 0.66 ms a pair against 1.07, a tied 576 -> 49152 LM head
 # 9.6 ms against 17.0 (a pair at 2 rows 0.47 / 0.68, at 32 rows 1.21 / 1.73); from about 48
 # rows on the two orders cost the same. One row is a matrix-vector product, equally fast either
-# way. Measured on the 2-core CPU; other backends choose their own layouts.
+# way. Measured on the 2-core CPU only; on an accelerator the order costs one transpose of the
+# small [out, rows] result.
 KERNEL_FIRST_MAX_ROWS = 32
 
 
