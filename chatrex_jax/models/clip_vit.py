@@ -29,6 +29,7 @@ import numpy as np
 
 from chatrex_jax.models import layers
 from chatrex_jax.models.layers import Projection
+from chatrex_jax.ops.full_attention import full_attention
 
 Dtype = Any
 
@@ -226,9 +227,7 @@ class CLIPAttention(nn.Module):
     q = proj("q_proj")(x) * jnp.asarray(hd ** -0.5, cfg.dtype)
     k = proj("k_proj")(x)
     v = proj("v_proj")(x)
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k).astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1).astype(cfg.dtype)
-    o = jnp.einsum("BNTS,BSNH->BTNH", probs, v)
+    o = full_attention(q, k, v)   # scores and softmax in fp32
     return Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), dtype=cfg.dtype,
                       param_dtype=cfg.param_dtype, name="out_proj")(o)
 

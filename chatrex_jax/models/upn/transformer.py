@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.models.upn.deformable import MLP, MSDeformAttn, dense, layer_norm
+from chatrex_jax.ops.full_attention import full_attention
 from chatrex_jax.ops.position import sine_embed
 
 SpatialShapes = Sequence[tuple[int, int]]
@@ -129,8 +130,7 @@ class QuerySelfAttention(nn.Module):
     q = q.reshape(b, t, n, d // n) * math.sqrt(1.0 / (d // n))
     k = k.reshape(b, t, n, d // n)
     v = v.reshape(b, t, n, d // n)
-    attn = jax.nn.softmax(jnp.einsum("btnh,bsnh->bnts", q, k), axis=-1)
-    out = jnp.einsum("bnts,bsnh->btnh", attn, v).reshape(b, t, d)
+    out = full_attention(q, k, v).reshape(b, t, d)
     return dense(d, "out_proj", ("mlp", "embed"))(out)
 
 
