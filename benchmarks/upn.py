@@ -29,12 +29,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
-import jax
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # as the other benchmarks: no accelerator probing
+
+import jax  # noqa: E402
 import jax.numpy as jnp
 from measure import PeakRSS
 import numpy as np
