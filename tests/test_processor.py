@@ -132,6 +132,24 @@ def test_torch_bilinear_matches_pytorch(shape, out):
   assert err <= 1e-6, err  # bit-exact on x86 builds; 1e-6 leaves room for a non-FMA build
 
 
+@pytest.mark.parametrize("shape", [(64, 48, 3), (2, 1, 3), (3, 5, 3), (1, 1, 3)])
+def test_normalisation_lookup_is_transformers_arithmetic(shape):
+  """Both lookups (byte pairs for an even byte count, single bytes otherwise) give exactly
+  transformers' rescale + normalise, for every level in every channel position."""
+  rng = np.random.default_rng(1)
+  pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+  if pixels.size >= 768:
+    pixels.reshape(-1)[:768] = np.repeat(np.arange(256, dtype=np.uint8), 3)
+  rescaled = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+  want = (rescaled - np.asarray(I.CLIP_MEAN, np.float32)) / np.asarray(I.CLIP_STD, np.float32)
+  got = I._normalise(pixels, I.CLIP_MEAN, I.CLIP_STD)
+  assert got.dtype == np.float32 and got.shape == shape
+  np.testing.assert_array_equal(got, want)
+  # a crop (not contiguous) reads the same values
+  np.testing.assert_array_equal(I._normalise(pixels[:, :1], I.CLIP_MEAN, I.CLIP_STD),
+                                want[:, :1])
+
+
 # ------------------------------------------------------------------------------------------
 # live official arithmetic on every kind of input of issue 6
 

@@ -199,45 +199,60 @@ def load_image(image: ImageInput, *, exif_transpose: bool = False) -> LoadedImag
 # Pixel arithmetic
 
 
-def expand2square(rgb: np.ndarray, background: Sequence[int] = PAD_COLOUR) -> np.ndarray:
-  """Centred pad to a square, as the official `expand2square` (uint8 [H, W, 3] -> [S, S, 3])."""
+def expand2square(rgb: np.ndarray, background: Sequence[int] = PAD_COLOUR) -> Image.Image:
+  """Centred pad to a square, as the official `expand2square`: uint8 [H, W, 3] -> PIL RGB S x S.
+
+  Built as the official does it (a filled PIL canvas and a paste), so the bicubic resize that
+  follows reads the canvas without another copy.
+  """
   h, w = rgb.shape[:2]
+  image = Image.fromarray(rgb, "RGB")
   if w == h:
-    return rgb
-  s = max(w, h)
-  out = np.empty((s, s, rgb.shape[2]), np.uint8)
-  fill = np.asarray(background, np.uint8)
-  if w > h:   # only the bands outside the image are filled (the image overwrites the rest)
-    top = (w - h) // 2
-    out[:top], out[top + h:] = fill, fill
-    out[top:top + h] = rgb
-  else:
-    left = (h - w) // 2
-    out[:, :left], out[:, left + w:] = fill, fill
-    out[:, left:left + w] = rgb
-  return out
+    return image
+  canvas = Image.new("RGB", (max(w, h),) * 2, tuple(int(v) for v in background))
+  canvas.paste(image, (0, (w - h) // 2) if w > h else ((h - w) // 2, 0))
+  return canvas
 
 
-def clip_preprocess(rgb: np.ndarray, size: int = AUX_IMAGE_SIZE,
+def clip_preprocess(image: np.ndarray | Image.Image, size: int = AUX_IMAGE_SIZE,
                     mean: Sequence[float] = CLIP_MEAN,
                     std: Sequence[float] = CLIP_STD) -> np.ndarray:
   """CLIPImageProcessor (shortest_edge=size, crop size x size, PIL bicubic) -> float32 [S, S, 3].
 
-  Same arithmetic as transformers' numpy/PIL path: PIL resize of the uint8 image, centre crop
-  (top = (h - size) // 2), float32(float64(u8) * (1/255)), (x - float32 mean) / float32 std.
+  image: uint8 [H, W, 3] or a PIL RGB image. Same arithmetic as transformers' numpy/PIL path:
+  PIL resize of the uint8 image, centre crop (top = (h - size) // 2),
+  float32(float64(u8) * (1/255)), (x - float32 mean) / float32 std.
   """
-  h, w = rgb.shape[:2]
+  if isinstance(image, np.ndarray):
+    image = Image.fromarray(image, "RGB")
+  w, h = image.size
   short, long = (w, h) if w <= h else (h, w)
   new_short, new_long = size, int(size * long / short)
   new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
-  resized = np.asarray(Image.fromarray(rgb, "RGB").resize((new_w, new_h), Image.BICUBIC))
+  resized = np.asarray(image.resize((new_w, new_h), Image.BICUBIC))
   top, left = (new_h - size) // 2, (new_w - size) // 2
-  cropped = resized[top:top + size, left:left + size]
-  table = _normalisation_table(tuple(mean), tuple(std))   # [256, C]
-  index = cropped.astype(np.intp)
-  index *= table.shape[1]
-  index += np.arange(table.shape[1])
-  return table.reshape(-1).take(index)
+  return _normalise(resized[top:top + size, left:left + size], tuple(mean), tuple(std))
+
+
+def _normalise(pixels: np.ndarray, mean: tuple, std: tuple) -> np.ndarray:
+  """uint8 [H, W, C] -> float32 [H, W, C] by table lookup (`_normalisation_table`).
+
+  The bytes are read two at a time: a little-endian uint16 holds two consecutive values whose
+  channels follow a cycle of three pairs, and one float32 pair per (cycle position, uint16)
+  comes from `_pair_table`. Half the lookups of one per value, and no per-value channel offset
+  (the offsets repeat with the cycle).
+  """
+  pixels = np.ascontiguousarray(pixels)
+  channels = pixels.shape[-1]
+  if pixels.size % 2 or channels != 3:
+    table = _normalisation_table(mean, std)
+    index = pixels.astype(np.intp)
+    index *= channels
+    index += np.arange(channels)
+    return table.reshape(-1).take(index)
+  pairs = pixels.reshape(-1).view("<u2")
+  index = np.add(pairs, _pair_offsets(pairs.shape[0]))
+  return _pair_table(mean, std).take(index).view(np.float32).reshape(pixels.shape)
 
 
 @functools.lru_cache(maxsize=8)
@@ -247,6 +262,28 @@ def _normalisation_table(mean: tuple, std: tuple) -> np.ndarray:
   gives the identical values at a fraction of the cost of computing them per pixel."""
   levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
   return (levels[:, None] - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_table(mean: tuple, std: tuple) -> np.ndarray:
+  """float64 [3 * 65536], each item the bytes of two float32: entry k * 65536 + u holds the
+  normalised pair for uint16 u (low byte first) at position k of the three-pair channel cycle
+  (k = 0: channels (0, 1); k = 1: (2, 0); k = 2: (1, 2))."""
+  table = _normalisation_table(mean, std)
+  low, high = np.arange(65536) & 255, np.arange(65536) >> 8
+  out = np.empty((3, 65536, 2), np.float32)
+  for k in range(3):
+    out[k, :, 0] = table[low, (2 * k) % 3]
+    out[k, :, 1] = table[high, (2 * k + 1) % 3]
+  return out.view(np.float64).reshape(-1)
+
+
+@functools.lru_cache(maxsize=2)
+def _pair_offsets(num_pairs: int) -> np.ndarray:
+  """intp [num_pairs]: 65536 * (the pair's position in the three-pair channel cycle)."""
+  offsets = np.tile(np.arange(3, dtype=np.intp) * 65536, num_pairs // 3 + 1)[:num_pairs]
+  offsets.flags.writeable = False
+  return offsets
 
 
 def _round_f32(x: Fraction) -> np.float32:
@@ -278,9 +315,24 @@ def _linear_taps(in_size: int, out_size: int):
 
 def _fma_pair(a, wa, b, wb) -> np.ndarray:
   """float32 `a * wa + b * wb` as PyTorch's compiled kernel evaluates it: fma(a, wa, b * wb)
-  (b * wb rounded to float32, then one rounding of the fused sum; float64 is exact enough)."""
-  bw = (b * wb).astype(np.float32)
-  return (a.astype(np.float64) * wa.astype(np.float64) + bw).astype(np.float32)
+  (b * wb rounded to float32, then one rounding of the fused sum; float64 is exact enough).
+  a, b: float32; wa: float64; wb: float32 (broadcast against a and b)."""
+  fused = np.multiply(a, wa, dtype=np.float64)
+  fused += np.multiply(b, wb)
+  return fused.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _resize_taps(h: int, w: int, c: int, out_h: int, out_w: int):
+  """`_linear_taps` of both axes laid out for a [H, W * C] view: the source rows of the top
+  taps then of the bottom taps [2 out_h], the source columns [out_w * C] of the left and right
+  taps, their weights repeated per channel, and the row weights as columns [out_h, 1]."""
+  y0, y1, h0, h1 = _linear_taps(h, out_h)
+  x0, x1, w0, w1 = _linear_taps(w, out_w)
+  channel = np.arange(c)
+  left, right = ((x[:, None] * c + channel).reshape(-1) for x in (x0, x1))
+  return (np.concatenate([y0, y1]), left, right, np.repeat(w0.astype(np.float64), c),
+          np.repeat(w1, c), h0.astype(np.float64)[:, None], h1[:, None])
 
 
 def torch_bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
@@ -290,17 +342,16 @@ def torch_bilinear_resize(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
   kernel (`upsample_generic_Nd_kernel_impl`, `Interpolate<n, ..., 2>`): taps from
   `_linear_taps`, row interpolation `fma(x0, w0, x1 * w1)` along W, then the same along H.
   Bit-identical to torch 2.13/2.14 on x86 (FMA build); a build without FMA contraction differs
-  by float32 rounding only (<= ~5e-7 for CLIP-normalised pixels).
+  by float32 rounding only (<= ~5e-7 for CLIP-normalised pixels). Only the 2 out_h source rows
+  the taps read are interpolated along W; the [H, W * C] view makes every gather a run of
+  single float32 elements, which numpy copies fastest.
   """
-  x = np.asarray(x, np.float32)
-  h, w = x.shape[:2]
-  y0, y1, h0, h1 = _linear_taps(h, out_h)
-  x0, x1, w0, w1 = _linear_taps(w, out_w)
-  w0, w1 = w0[None, :, None], w1[None, :, None]
-  rows0, rows1 = np.take(x, y0, axis=0), np.take(x, y1, axis=0)  # [out_h, W, C]
-  top = _fma_pair(np.take(rows0, x0, axis=1), w0, np.take(rows0, x1, axis=1), w1)
-  bottom = _fma_pair(np.take(rows1, x0, axis=1), w0, np.take(rows1, x1, axis=1), w1)
-  return _fma_pair(top, h0[:, None, None], bottom, h1[:, None, None])
+  x = np.ascontiguousarray(x, np.float32)
+  h, w, c = x.shape
+  rows, left, right, w0, w1, h0, h1 = _resize_taps(h, w, c, out_h, out_w)
+  source = x.reshape(h, w * c).take(rows, axis=0)                    # [2 out_h, W C]
+  across = _fma_pair(source.take(left, axis=1), w0, source.take(right, axis=1), w1)
+  return _fma_pair(across[:out_h], h0, across[out_h:], h1).reshape(out_h, out_w, c)
 
 
 def pad_boxes(boxes_xywh, size_wh: tuple[int, int]) -> np.ndarray:
@@ -482,8 +533,7 @@ def preprocess_image(image: ImageInput, boxes=None, scores=None, *, aux_size: in
         f"image {w}x{h}: its square canvas would be {s}x{s}, above max_square_side="
         f"{max_square_side}; downscale it first (and its boxes) or raise the limit")
   selection = check_boxes(boxes, scores, max_objects, box_overflow)
-  square = expand2square(loaded.rgb, background)
-  aux = clip_preprocess(square, aux_size, mean, std)
+  aux = clip_preprocess(expand2square(loaded.rgb, background), aux_size, mean, std)
   clip = torch_bilinear_resize(aux, clip_size, clip_size)
   notes = list(loaded.notes)
   note = selection.note()
