@@ -21,11 +21,11 @@ import dataclasses
 import functools
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from chatrex_jax.models.upn.deformable import dense, layer_norm
+from chatrex_jax.ops.window_attention import window_attention
 
 Dtype = jnp.dtype
 
@@ -121,21 +121,11 @@ class WindowAttention(nn.Module):
                                                     (None, "heads")),
                        ((2 * self.window_size - 1) ** 2, nh), jnp.float32)
     qkv = dense(3 * c, "qkv", use_bias=self.qkv_bias, dtype=self.dtype)(x)
-    qkv = qkv.reshape(bw, m, 3, nh, hd).transpose(2, 0, 3, 1, 4)          # [3, Bw, N, M, H]
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    q = q * (hd ** -0.5)
-    attn = jnp.einsum("bnqh,bnkh->bnqk", q, k).astype(jnp.float32)
     index = relative_position_index(self.window_size).reshape(-1)
     bias = jnp.asarray(table)[index].reshape(m, m, nh).transpose(2, 0, 1)
-    attn = attn + bias[None]
-    if mask is not None:
-      # The mask broadcast to every window of the batch, rather than the scores reshaped to
-      # [B, nW, ...]: XLA:CPU fuses that reshape badly beyond one image (Swin-L stage 1 at
-      # 800 x 1129, batch 2: the attention core 1.35 s instead of 0.66 s).
-      nw = mask.shape[0]
-      attn = attn + jnp.broadcast_to(mask[None], (bw // nw, nw, m, m)).reshape(bw, 1, m, m)
-    attn = jax.nn.softmax(attn, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bnqk,bnkh->bqnh", attn, v).reshape(bw, m, c)
+    # A few windows at a time, so their scores stay in cache (ops/window_attention.py).
+    out = window_attention(qkv.reshape(bw, m, 3, nh, hd), bias, mask,
+                           scale=hd ** -0.5).reshape(bw, m, c)
     return dense(c, "proj", ("mlp", "embed"), dtype=self.dtype)(out)
 
 
