@@ -266,7 +266,8 @@ def _normalisation_table(mean: tuple, std: tuple) -> np.ndarray:
 
 @functools.lru_cache(maxsize=8)
 def _pair_table(mean: tuple, std: tuple) -> np.ndarray:
-  """float64 [3 * 65536], each item the bytes of two float32: entry k * 65536 + u holds the
+  """uint64 [3 * 65536], each item the bytes of two float32 (moved as integers, so no float
+  rule can touch them): entry k * 65536 + u holds the
   normalised pair for uint16 u (low byte first) at position k of the three-pair channel cycle
   (k = 0: channels (0, 1); k = 1: (2, 0); k = 2: (1, 2))."""
   table = _normalisation_table(mean, std)
@@ -275,7 +276,7 @@ def _pair_table(mean: tuple, std: tuple) -> np.ndarray:
   for k in range(3):
     out[k, :, 0] = table[low, (2 * k) % 3]
     out[k, :, 1] = table[high, (2 * k + 1) % 3]
-  return out.view(np.float64).reshape(-1)
+  return out.view(np.uint64).reshape(-1)
 
 
 @functools.lru_cache(maxsize=2)
