@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from chatrex_jax.ops import ms_deform_attn as ms_deform_attn_module
 from chatrex_jax.ops.ms_deform_attn import ms_deform_attn
 from chatrex_jax.testing import torch_ms_deform_attn_core
 
 SHAPES = ((6, 7), (3, 4), (2, 2))
-
-
 
 
 def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
@@ -28,7 +27,8 @@ def make_inputs(seed, b=2, q=9, n=2, p=3, c=4, exact_integers=True):
   return value, loc, attn.reshape(b, q, n, len(SHAPES), p)
 
 
-# 9 queries: query_chunk 3 makes 3 blocks of 3; 5 makes 2 blocks of 5, one query padded.
+# 9 queries of 2 images, 18 in all: query_chunk None is one pass (few queries), 3 makes 6 blocks
+# of 3, 5 makes 4 blocks of 5 (a block holds queries of both images; 2 queries padded).
 @pytest.mark.parametrize("query_chunk", [None, 3, 5])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_forward_matches_grid_sample(seed, query_chunk, highest_precision):
@@ -69,3 +69,29 @@ def test_bad_shapes_raise_clear_errors():
     ms_deform_attn(value, SHAPES, loc, attn[..., :1])
   with pytest.raises(ValueError, match="query_chunk"):
     ms_deform_attn(value, SHAPES, loc, attn, query_chunk=0)
+
+
+def test_many_queries_take_blocks(monkeypatch):
+  value, loc, attn = make_inputs(7)
+  def scans(limit):
+    monkeypatch.setattr(ms_deform_attn_module, "SINGLE_PASS_QUERIES", limit)
+    return "scan" in str(jax.make_jaxpr(lambda v, l, a: ms_deform_attn(v, SHAPES, l, a))(value, loc, attn))
+  assert not scans(9)  # 9 queries per image: one pass
+  assert scans(8)
+
+
+def test_backward_recomputes_the_windows():
+  """The blocked backward keeps each block's rows and weights, not its gathered windows (at the
+  UPN-L encoder size all windows are 6.2 GB): its scratch memory is a fraction of theirs."""
+  shapes = ((48, 48), (24, 24))
+  b, n, c, p = 1, 2, 16, 4
+  s = sum(h * w for h, w in shapes)
+  rng = np.random.default_rng(8)
+  value = rng.standard_normal((b, s, n, c)).astype(np.float32)
+  loc = rng.uniform(0, 1, (b, s, n, len(shapes), p, 2)).astype(np.float32)
+  attn = np.full((b, s, n, len(shapes), p), 1 / (len(shapes) * p), np.float32)
+  windows_bytes = b * s * n * len(shapes) * p * 4 * c * 4
+  loss = lambda v, l, a: jnp.sum(ms_deform_attn(v, shapes, l, a) ** 2)
+  compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(value, loc, attn).compile()
+  scratch = compiled.memory_analysis().temp_size_in_bytes
+  assert scratch < windows_bytes / 2, (scratch, windows_bytes)

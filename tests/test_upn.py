@@ -18,6 +18,7 @@ from chatrex_jax.convert import upn as convert_upn
 from chatrex_jax.inference import upn as infer
 from chatrex_jax.models.upn.swin import SwinConfig
 from chatrex_jax.models.upn.upn import UPN, UPNConfig
+from chatrex_jax.ops import ms_deform_attn as ms_deform_attn_module
 from chatrex_jax.tools import check_equivalence
 
 TINY = UPNConfig(swin=SwinConfig(16, (2, 2, 2, 2), (1, 2, 4, 8), 7), d_model=32, d_ffn=64,
@@ -41,7 +42,18 @@ def _check(golden_dir, name):
   return text
 
 
-def test_golden_msdeform_attn(golden_dir):
+@pytest.fixture(params=["one pass", "blocks"])
+def deform_path(request, monkeypatch):
+  """Each deformable-attention path of `ops.ms_deform_attn`: the tiny fixtures have few queries,
+  so `blocks` lowers the one-pass limit to zero."""
+  if request.param == "blocks":
+    monkeypatch.setattr(ms_deform_attn_module, "SINGLE_PASS_QUERIES", 0)
+  jax.clear_caches()  # the limit is read while tracing: no trace of the other path may be reused
+  yield request.param
+  jax.clear_caches()
+
+
+def test_golden_msdeform_attn(golden_dir, deform_path):
   _check(golden_dir, "msdeform_attn")
 
 
@@ -51,12 +63,12 @@ def test_golden_upn_filter_reports_official_early_return(golden_dir):
 
 
 @pytest.mark.slow
-def test_golden_upn_tiny(golden_dir):
+def test_golden_upn_tiny(golden_dir, deform_path):
   _check(golden_dir, "upn_tiny")
 
 
 @pytest.mark.slow
-def test_golden_upn_wrapper_e2e(golden_dir):
+def test_golden_upn_wrapper_e2e(golden_dir, deform_path):
   _check(golden_dir, "upn_wrapper_e2e")
 
 
