@@ -35,9 +35,10 @@ Many queries (the encoder: every token is one) take the blocked path, `_sample_i
 
 Few queries (the decoder's 900) take one pass, `bilinear_windows` per level: building the flat
 map copies the whole value (77 MB at UPN-L), and the blocked path took 61-68 ms for the decoder
-against 34 ms in one pass, where XLA fuses the bordered layout into the gathers. The floor that places the window goes
-through an optimisation barrier for backends that keep it before fusion (XLA:CPU drops it; the
-gather and weight fusions there compute the same floor with the same operations).
+against 34 ms in one pass, where XLA fuses the bordered layout into the gathers. The floor that
+places the window goes through an optimisation barrier for backends that keep it before fusion
+(XLA:CPU drops it; the gather and weight fusions there compute the same floor with the same
+operations).
 
 Everything runs in float32 (PyTorch disables autocast for this op). The function is
 differentiable with respect to `value`, `sampling_locations` and `attention_weights`
