@@ -254,6 +254,21 @@ def test_prompts_and_batching(tiny_model, highest_precision):
   assert np.isfinite(full["fine"]["pred_boxes"]).all()
 
 
+def test_encoder_through_blocks_equals_one_pass(tiny_model, monkeypatch, highest_precision):
+  """The UPN's deformable attention through the blocked path (the real sizes take it: the
+  encoder's every token is a query) gives the one-pass outputs; the goldens run both in -m slow."""
+  model, params = tiny_model
+  imgs = np.random.default_rng(3).standard_normal((2, 48, 56, 3)).astype(np.float32)
+  def run(limit):
+    monkeypatch.setattr(ms_deform_attn_module, "SINGLE_PASS_QUERIES", limit)
+    jax.clear_caches()  # the limit is read while tracing
+    return infer.forward(model, params, imgs, None, ("fine",))["fine"]
+  one_pass, blocks = run(10**9), run(0)
+  jax.clear_caches()
+  np.testing.assert_allclose(blocks["pred_boxes"], one_pass["pred_boxes"], atol=1e-5)
+  np.testing.assert_allclose(blocks["pred_logits"], one_pass["pred_logits"], atol=1e-5)
+
+
 def test_resize_rule_and_preprocess():
   assert infer.resize_size(1920, 1080) == (750, 1333)
   assert infer.resize_size(326, 231) == (800, 1129)
