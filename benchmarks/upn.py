@@ -15,7 +15,8 @@ windows cover (4 corners x 32 channels per sample: what a gather touches) at tha
 
 `--whole` times the whole UPN-L forward (random weights, fp32) at 800 x 1129, batch 1 and 2:
 compile time, median step, peak memory (each batch in a fresh process: `peak_mb` above the
-resident weights, inputs and runtime, `process_peak_mb` the whole process), and the parts by
+resident weights, inputs and runtime, `process_peak_mb` the whole process), one more run's
+system time and minor page faults per part (`*_system_s`, `*_page_faults`), and the parts by
 difference where they cannot be called alone (the encoder with its input projections = encode -
 backbone); the decoder (query selection, decoder, heads) is timed on the encoder's output.
 The official UPN needs its CUDA extension and is not installable here; it is compared
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -177,6 +179,13 @@ def whole_upn(batches, repeats, height=800, width=1129):
       row[f"{part}_compile_s"] = time.perf_counter() - t
       out = jax.block_until_ready(compiled(*args))  # the first run is not timed
       row[f"{part}_s"] = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
+      # One more run's kernel time and minor page faults: memory mapped afresh inside a run
+      # (buffers allocated per call instead of the executable's reused temp) shows here.
+      before = resource.getrusage(resource.RUSAGE_SELF)
+      jax.block_until_ready(compiled(*args))
+      after = resource.getrusage(resource.RUSAGE_SELF)
+      row[f"{part}_system_s"] = after.ru_stime - before.ru_stime
+      row[f"{part}_page_faults"] = after.ru_minflt - before.ru_minflt
       return out
 
     measure("backbone", lambda p, x: model.apply(p, x, method=lambda m, x: m.backbone(x)),

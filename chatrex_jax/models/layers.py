@@ -78,12 +78,11 @@ class Projection(nn.Module):
     else:
       y = jnp.dot(x2, kernel.astype(self.dtype).reshape(math.prod(in_shape), math.prod(features)),
                   precision=self.precision, preferred_element_type=self.out_dtype)
-    y = y.reshape(lead + features)
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, tuple(self.out_names)),
                         features, self.param_dtype)
-      y = y + bias.astype(y.dtype)
-    return y
+      y = y + bias.astype(y.dtype).reshape(-1)
+    return y.reshape(lead + features)
 
 
 # From 2 up to this many rows (a decode step's batch), an [out, in] kernel is the product's left
