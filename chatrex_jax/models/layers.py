@@ -81,6 +81,9 @@ class Projection(nn.Module):
     if self.use_bias:
       bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, tuple(self.out_names)),
                         features, self.param_dtype)
+      # On the 2-d product, before the reshape: with the bias added in [B, S, ...] (B > 1)
+      # XLA:CPU's YNNPACK fusions allocated their intermediates afresh on every call (UPN-L
+      # encoder at batch 2: two 1.2 GB mmaps a layer). The same sums either way.
       y = y + bias.astype(y.dtype).reshape(-1)
     return y.reshape(lead + features)
 
