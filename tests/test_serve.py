@@ -235,9 +235,8 @@ def test_a_real_browser_runs_both_demos(server, scene, tmp_path):
       def until(condition, *, again=None, every=60):
         """Waits up to 300 s, calling `again` (a user's retry) each `every` s the page is not there.
 
-        300 s: this waits for the page, not for a speed. With the other xdist worker busy on a
-        2-core CI machine, the first ChatRex answer (compiling the scene's shapes) took more than
-        120 s once (alone: 8 s for the whole test)."""
+        300 s: this waits for the page, not for a speed (alone the whole test takes 8 s); the
+        other xdist worker may keep both CI cores busy while the first answer compiles."""
         from selenium.common.exceptions import TimeoutException
         for attempt in range(300 // every if again else 1):
           try:
