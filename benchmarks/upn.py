@@ -178,8 +178,8 @@ def whole_upn(batches, repeats, height=800, width=1129):
       row[f"{part}_compile_s"] = time.perf_counter() - t
       out = jax.block_until_ready(compiled(*args))  # the first run is not timed
       row[f"{part}_s"] = median_time(lambda: jax.block_until_ready(compiled(*args)), repeats)
-      # One more run's kernel time and minor page faults: memory mapped afresh inside a run
-      # (buffers allocated per call instead of the executable's reused temp) shows here.
+      # One more run's kernel time and minor page faults: memory mapped afresh per call (buffers
+      # above glibc's 32 MB mmap threshold, the executable's scratch among them) shows here.
       row[f"{part}_system_s"], row[f"{part}_page_faults"] = kernel_cost(
           lambda: jax.block_until_ready(compiled(*args)))
       return out
